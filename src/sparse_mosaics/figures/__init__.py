@@ -1,0 +1,1 @@
+"""Paper-style figures. Every figure takes its colours and markers from :mod:`.style`."""
