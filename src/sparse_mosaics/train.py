@@ -1,0 +1,742 @@
+"""Train one cell: a Memory Mosaics model on one task / method / dataset size / seed.
+
+    sparse-mosaics train --cell cell.json --data PACKED_TRAIN_DIR --out CELL_DIR
+
+The loop is nanoGPT's (SPEC.md §3c, "Training loop"), made resumable and bit-for-bit reproducible:
+
+- AdamW with the model's decay groups (``model.configure_optimizers``, SPEC.md §2.8), gradient
+  norm clipping at ``train.grad_clip``;
+- cosine learning rate with linear warm-up (:func:`get_lr`);
+- loss = masked cross-entropy on the target tokens and ``<eos>`` (SPEC.md §2.13), batches built by
+  :func:`sparse_mosaics.data.make_batch`;
+- bf16 autocast on CUDA, fp32 on CPU (``train.dtype = "auto"``);
+- seeded: ``torch.manual_seed(seed)`` before the model is built; the data order is a pure function
+  of (seed, epoch) (:class:`DataOrder`); dropout draws from the global torch RNG, whose state is
+  saved in every checkpoint.
+
+Number of optimizer steps: ``max_iters`` if set, else ceil(epochs · N / batch_size). Batch i holds the
+items i·B … (i+1)·B − 1 of the stream "epoch-0 permutation, epoch-1 permutation, …", so an epoch's
+last batch may be completed from the next epoch, and with ``max_iters`` unset the very last batch
+of the run is short (like the reference DataLoader, which does not drop the last batch).
+
+Outputs in CELL_DIR (all written atomically):
+
+- ``checkpoint.pt``: model, optimizer, step, RNG states (torch CPU and CUDA), curve so far, elapsed
+  time; every ``checkpoint_interval`` steps and at the end. Re-running the same command resumes from
+  it and gives the same final weights as an uninterrupted run (bit-for-bit on CPU).
+- ``model.pt``: {"model": state_dict, "model_config": dict, "cell": dict, ...}, loadable with
+  ``torch.load(path, weights_only=True)``.
+- ``curve.parquet``: step, loss, lr, tokens_per_s, elapsed_s; one row every ``log_interval`` steps
+  and one for the last step. ``loss`` is the mean training loss over the steps since the previous
+  row; ``lr`` the learning rate of the row's step; ``tokens_per_s`` counts non-pad input tokens.
+- ``train.log``: human-readable log lines (appended across resumes).
+- ``train_summary.json``: train_seconds, n_params, steps, final_loss, device, versions, ...
+
+A NaN/Inf loss raises :class:`NonFiniteLoss` (a :class:`CommandError`: the CLI exits 2) naming the
+step; ``model.pt`` is not written and the last good ``checkpoint.pt`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CommandError
+from .io import torch_save_atomic, write_json_atomic, write_parquet_atomic
+
+# ---------------------------------------------------------------------------------------------
+# Cell config
+# ---------------------------------------------------------------------------------------------
+
+EXPERIMENTS = ("lengthgen",)
+LENGTHGEN_TASKS = ("copy", "reverse", "sort", "mqmtar")
+
+# train.* keys and their defaults (None = "derive": lr_decay_iters -> total steps, max_iters -> epochs).
+TRAIN_DEFAULTS = {
+    "batch_size": 32,
+    "lr": 1e-3,
+    "min_lr": 5e-5,
+    "warmup_iters": 0,
+    "lr_decay_iters": None,
+    "epochs": 1,
+    "max_iters": None,
+    "weight_decay": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "grad_clip": 1.0,
+    "checkpoint_interval": 1000,
+    "log_interval": 100,
+    "eval_interval": 1000,
+    "dtype": "auto",
+    "threads": 1,
+}
+
+# eval.* keys (read by sparse_mosaics.evaluate).
+EVAL_DEFAULTS = {
+    "batch_size": 32,
+    "max_examples_per_length": None,
+    # Upper bound on B * T (input tokens) per evaluation batch: long shards use smaller batches.
+    "token_budget": 16384,
+    # Autoregressive greedy decoding re-runs the model once per target token: bound its cost.
+    # null -> the same examples as the teacher-forced metrics; 0 -> skip greedy_exact_match.
+    "greedy_max_examples_per_length": None,
+}
+
+TOP_LEVEL_REQUIRED = ("name", "experiment", "task", "method", "seed", "size", "model", "train")
+TOP_LEVEL_OPTIONAL = ("data", "eval", "code_fingerprint")
+DTYPES = ("auto", "float32", "bfloat16")
+
+# Keys that do not change what is computed: a checkpoint written with other values still resumes.
+_RESUME_IGNORED_TRAIN_KEYS = ("threads", "checkpoint_interval", "eval_interval")
+
+
+def _cfg_error(source, key, msg):
+    return CommandError(f"{source}: key '{key}': {msg}")
+
+
+def _check_number(source, key, value, *, integer=False, minimum=None, strictly=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise _cfg_error(source, key, f"must be {kind}{' or null' if allow_none else ''}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _cfg_error(source, key, f"must be finite, got {value!r}")
+    if minimum is not None and (value <= minimum if strictly else value < minimum):
+        raise _cfg_error(source, key, f"must be {'>' if strictly else '>='} {minimum}, got {value!r}")
+
+
+def model_config_fields() -> set | None:
+    """The field names of MemoryMosaicConfig (None if the model package cannot be imported)."""
+    try:
+        import dataclasses
+
+        from .model import MemoryMosaicConfig
+    except ImportError:
+        return None
+    return {f.name for f in dataclasses.fields(MemoryMosaicConfig)}
+
+
+def validate_cell(cell, source="cell config") -> dict:
+    """Check a cell config (CONTRACTS.md "Cell config") and return a copy with defaults filled in.
+
+    Raises:
+        CommandError: naming ``source`` and the first bad key (dotted: ``train.lr``).
+    """
+    if not isinstance(cell, dict):
+        raise CommandError(f"{source}: must be a JSON object, got {type(cell).__name__}")
+    for key in TOP_LEVEL_REQUIRED:
+        if key not in cell:
+            raise _cfg_error(source, key, "missing (required)")
+    for key in cell:
+        if key not in TOP_LEVEL_REQUIRED + TOP_LEVEL_OPTIONAL:
+            raise _cfg_error(source, key, f"unknown key (valid: {', '.join(TOP_LEVEL_REQUIRED + TOP_LEVEL_OPTIONAL)})")
+    cell = copy.deepcopy(cell)
+
+    for key in ("name", "experiment", "task", "method"):
+        if not isinstance(cell[key], str) or not cell[key]:
+            raise _cfg_error(source, key, f"must be a non-empty string, got {cell[key]!r}")
+    if cell["experiment"] not in EXPERIMENTS:
+        raise _cfg_error(source, "experiment", f"unsupported {cell['experiment']!r} (supported: {', '.join(EXPERIMENTS)})")
+    if cell["experiment"] == "lengthgen" and cell["task"] not in LENGTHGEN_TASKS:
+        raise _cfg_error(source, "task", f"unknown lengthgen task {cell['task']!r} (valid: {', '.join(LENGTHGEN_TASKS)})")
+    from .attention import get_method
+
+    try:
+        get_method(cell["method"])
+    except ValueError as e:
+        raise _cfg_error(source, "method", str(e)) from None
+    _check_number(source, "seed", cell["seed"], integer=True, minimum=0)
+    _check_number(source, "size", cell["size"], integer=True, minimum=1)
+
+    # data: generator parameters (vocab, abc_size, ...), passed through to the data package.
+    cell.setdefault("data", {})
+    if not isinstance(cell["data"], dict):
+        raise _cfg_error(source, "data", f"must be an object, got {cell['data']!r}")
+
+    # model: MemoryMosaicConfig fields except vocab_size and method.
+    model = cell["model"]
+    if not isinstance(model, dict):
+        raise _cfg_error(source, "model", f"must be an object, got {model!r}")
+    for key in ("vocab_size", "method"):
+        if key in model:
+            raise _cfg_error(source, f"model.{key}", "must not be set (it comes from the task / the cell's method)")
+    fields = model_config_fields()
+    if fields is not None:
+        for key in model:
+            if key not in fields:
+                valid = ", ".join(sorted(fields - {"vocab_size", "method"}))
+                raise _cfg_error(source, f"model.{key}", f"unknown MemoryMosaicConfig field (valid: {valid})")
+
+    # train
+    train = cell["train"]
+    if not isinstance(train, dict):
+        raise _cfg_error(source, "train", f"must be an object, got {train!r}")
+    for key in train:
+        if key not in TRAIN_DEFAULTS:
+            raise _cfg_error(source, f"train.{key}", f"unknown key (valid: {', '.join(TRAIN_DEFAULTS)})")
+    train = {**TRAIN_DEFAULTS, **train}
+    cell["train"] = train
+    t = lambda k: f"train.{k}"  # noqa: E731
+    _check_number(source, t("batch_size"), train["batch_size"], integer=True, minimum=1)
+    _check_number(source, t("lr"), train["lr"], minimum=0)
+    _check_number(source, t("min_lr"), train["min_lr"], minimum=0)
+    _check_number(source, t("warmup_iters"), train["warmup_iters"], integer=True, minimum=0)
+    _check_number(source, t("lr_decay_iters"), train["lr_decay_iters"], integer=True, minimum=0, allow_none=True)
+    _check_number(source, t("epochs"), train["epochs"], minimum=0, strictly=True)
+    _check_number(source, t("max_iters"), train["max_iters"], integer=True, minimum=1, allow_none=True)
+    _check_number(source, t("weight_decay"), train["weight_decay"], minimum=0)
+    for key in ("beta1", "beta2"):
+        _check_number(source, t(key), train[key], minimum=0)
+        if train[key] >= 1:
+            raise _cfg_error(source, t(key), f"must be < 1, got {train[key]!r}")
+    _check_number(source, t("grad_clip"), train["grad_clip"], minimum=0)  # 0 -> no clipping
+    for key in ("checkpoint_interval", "log_interval", "eval_interval", "threads"):
+        _check_number(source, t(key), train[key], integer=True, minimum=1)
+    if train["dtype"] not in DTYPES:
+        raise _cfg_error(source, t("dtype"), f"must be one of {', '.join(DTYPES)}, got {train['dtype']!r}")
+
+    # eval
+    ev = cell.get("eval", {})
+    if not isinstance(ev, dict):
+        raise _cfg_error(source, "eval", f"must be an object, got {ev!r}")
+    for key in ev:
+        if key not in EVAL_DEFAULTS:
+            raise _cfg_error(source, f"eval.{key}", f"unknown key (valid: {', '.join(EVAL_DEFAULTS)})")
+    ev = {**EVAL_DEFAULTS, **ev}
+    cell["eval"] = ev
+    _check_number(source, "eval.batch_size", ev["batch_size"], integer=True, minimum=1)
+    _check_number(source, "eval.max_examples_per_length", ev["max_examples_per_length"], integer=True, minimum=1, allow_none=True)
+    _check_number(source, "eval.token_budget", ev["token_budget"], integer=True, minimum=1)
+    _check_number(source, "eval.greedy_max_examples_per_length", ev["greedy_max_examples_per_length"],
+                  integer=True, minimum=0, allow_none=True)
+    return cell
+
+
+def load_cell(path) -> dict:
+    """Read and validate ``cell.json`` (errors name the file and the key)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CommandError(f"cannot read cell config {path}: {e.strerror or e}") from None
+    try:
+        cell = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CommandError(f"{path}: not valid JSON ({e})") from None
+    return validate_cell(cell, source=str(path))
+
+
+def resume_digest(cell: dict) -> str:
+    """Digest of the parts of the cell that determine the trained weights.
+
+    Operational keys (threads, checkpoint_interval, eval_interval) and the eval section are left out,
+    so changing them does not invalidate a checkpoint.
+    """
+    from .provenance import config_digest
+
+    c = copy.deepcopy(cell)
+    c.pop("eval", None)
+    c.pop("name", None)
+    c.pop("code_fingerprint", None)
+    for key in _RESUME_IGNORED_TRAIN_KEYS:
+        c["train"].pop(key, None)
+    return config_digest(c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule and data order
+# ---------------------------------------------------------------------------------------------
+
+
+def get_lr(it: int, lr: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
+    """Cosine learning rate with linear warm-up (nanoGPT, SPEC.md §3c).
+
+        lr(it) = lr · it / warmup                                             it < warmup
+               = min_lr                                                       it > decay
+               = min_lr + ½ (1 + cos(π (it − warmup) / (decay − warmup))) (lr − min_lr)   otherwise
+
+    ``it`` is the 0-based index of the optimizer step. If decay <= warmup, the rate is min_lr from the
+    end of warm-up on.
+    """
+    if it < warmup_iters:
+        return lr * it / warmup_iters
+    if it > lr_decay_iters or lr_decay_iters <= warmup_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)  # in [0, 1]
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
+    return min_lr + coeff * (lr - min_lr)
+
+
+def num_steps(train: dict, n_examples: int) -> int:
+    """max_iters if set, else ceil(epochs · N / batch_size)."""
+    if train["max_iters"] is not None:
+        return int(train["max_iters"])
+    return max(1, math.ceil(train["epochs"] * n_examples / train["batch_size"]))
+
+
+class DataOrder:
+    """The deterministic order of training examples: a fresh permutation of range(N) per epoch.
+
+    The permutation of epoch e is ``np.random.default_rng([seed, e]).permutation(N)``: a pure
+    function of (seed, e), so resuming only needs the step number. Batch i is the items
+    [i·B, min((i+1)·B, total)) of the concatenated epoch permutations (total = None: unbounded).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, total_items: int | None = None):
+        self.n, self.batch_size, self.seed, self.total_items = n, batch_size, seed, total_items
+        self._epoch, self._perm = None, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self._perm
+
+    def batch(self, i: int) -> np.ndarray:
+        """Example indices of batch i (0-based)."""
+        start = i * self.batch_size
+        stop = start + self.batch_size
+        if self.total_items is not None:
+            stop = min(stop, self.total_items)
+        if stop <= start:
+            raise IndexError(f"batch {i} is past the end of the data ({self.total_items} items)")
+        out = []
+        pos = start
+        while pos < stop:
+            epoch, off = divmod(pos, self.n)
+            take = min(stop - pos, self.n - off)
+            out.append(self.permutation(epoch)[off : off + take])
+            pos += take
+        return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, precision, logging
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CommandError(f"--device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def autocast_context(device: torch.device, dtype: str = "auto"):
+    """bf16 autocast on CUDA (auto/bfloat16); fp32 (no autocast) on CPU unless bfloat16 is asked."""
+    if dtype == "float32" or (dtype == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def versions() -> dict:
+    from .provenance import code_version, environment
+
+    env = environment()
+    return {
+        "code_version": code_version(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": env["torch_version"],
+        "triton": env["triton_version"],
+        "device_name": env["device"],
+    }
+
+
+class TrainLog:
+    """Log lines to ``train.log`` (appended) and stderr; a tqdm bar when stderr is a terminal."""
+
+    def __init__(self, path: Path, total: int, initial: int, quiet: bool = False):
+        self.file = open(path, "a", buffering=1)
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, msg: str) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+        self.file.write(line + "\n")
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def progress(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+
+
+class NonFiniteLoss(CommandError):
+    """The training loss became NaN or Inf (the message names the step)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and data glue
+# ---------------------------------------------------------------------------------------------
+
+
+def task_vocab(cell: dict) -> dict:
+    """Special token ids and vocab_size of the cell's task (sparse_mosaics.data.lengthgen.task_vocab)."""
+    from .data.lengthgen import vocab_for_params
+
+    return vocab_for_params(cell["task"], data_params(cell))
+
+
+def data_params(cell: dict) -> dict:
+    """The task's generator parameters (defaults filled in) from the cell's ``data`` section."""
+    from .data.lengthgen import task_params
+
+    try:
+        return task_params(cell["task"], **cell.get("data", {}))
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"cell config: key 'data': {e}") from None
+
+
+def build_model_config(cell: dict, vocab: dict):
+    """MemoryMosaicConfig from cell.model + vocab_size (task) + method (cell)."""
+    from .model import MemoryMosaicConfig
+
+    try:
+        return MemoryMosaicConfig(**cell["model"], vocab_size=int(vocab["vocab_size"]), method=cell["method"])
+    except (TypeError, ValueError) as e:
+        raise CommandError(f"cell config: key 'model': {e}") from None
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_forward(model, batch: dict):
+    """(logits, loss) with the loss on the batch's loss mask (target tokens and <eos>)."""
+    return model(batch["x"], targets=batch["y"], loss_mask=batch["loss_mask"], lengths=batch["lengths"])
+
+
+def open_split(folder, split: str, cell: dict, vocab: dict, flag: str = "--data"):
+    """PackedSplit(folder, split), checked against the cell's task and token layout."""
+    from .data import PackedSplit
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CommandError(f"{flag} {folder}: not a directory")
+    try:
+        ps = PackedSplit(folder, split)
+    except (FileNotFoundError, ValueError, OSError, KeyError) as e:
+        raise CommandError(f"{flag} {folder}: cannot open the packed {split!r} split: {e}") from None
+    if ps.task is not None and ps.task != cell["task"]:
+        raise CommandError(f"{flag} {folder}: packed data is for task {ps.task!r}, the cell's task is {cell['task']!r}")
+    theirs = {k: ps.vocab.get(k) for k in ("bos", "sep", "eos", "pad", "vocab_size")}
+    ours = {k: vocab[k] for k in theirs}
+    if theirs != ours:
+        raise CommandError(f"{flag} {folder}: packed token layout {theirs} != the cell's {ours} (check the cell's 'data' section)")
+    return ps
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if device.type == "cuda" and "torch_cuda" in state:
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+def load_checkpoint(path: Path) -> dict:
+    """torch.load(weights_only=True) with a clear error naming the file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, not a torch file, unsafe pickle
+        raise CommandError(f"{path}: cannot load checkpoint ({type(e).__name__}: {e}); delete it to restart the cell") from None
+    missing = [k for k in ("model", "optimizer", "step", "rng", "curve", "resume_digest") if k not in ckpt] if isinstance(ckpt, dict) else ["<dict>"]
+    if missing:
+        raise CommandError(f"{path}: not a sparse-mosaics training checkpoint (missing {', '.join(missing)}); delete it to restart the cell")
+    return ckpt
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    elapsed_s: float = 0.0  # training wall time over all runs so far
+    tokens: int = 0  # non-pad input tokens seen
+    curve: dict = field(default_factory=lambda: {k: [] for k in CURVE_COLUMNS})
+    # accumulator of the current log interval
+    acc_loss: float = 0.0
+    acc_steps: int = 0
+    acc_tokens: int = 0
+    acc_time: float = 0.0
+
+
+CURVE_COLUMNS = ("step", "loss", "lr", "tokens_per_s", "elapsed_s")
+
+
+def curve_frame(curve: dict):
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "step": pd.Series(curve["step"], dtype="int64"),
+            "loss": pd.Series(curve["loss"], dtype="float64"),
+            "lr": pd.Series(curve["lr"], dtype="float64"),
+            "tokens_per_s": pd.Series(curve["tokens_per_s"], dtype="float64"),
+            "elapsed_s": pd.Series(curve["elapsed_s"], dtype="float64"),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train_cell(
+    cell: dict,
+    data_dir,
+    out_dir,
+    *,
+    device: str | None = None,
+    stop_after: int | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Train one cell (validated ``cell`` dict) and write its outputs in ``out_dir``.
+
+    Args:
+        stop_after: testing hook — return right after this many completed steps, without writing a
+            checkpoint or model.pt (as if the job were killed there).
+        quiet: log to train.log only.
+
+    Returns:
+        the train_summary dict (or {"stopped_at": step} when ``stop_after`` stopped the run).
+    """
+    from .data import make_batch
+    from .model import MemoryMosaic
+    from .provenance import config_digest, scope_fingerprint
+
+    tc = cell["train"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
+
+    torch.set_num_threads(int(tc["threads"]))
+    dev = pick_device(device)
+    vocab = task_vocab(cell)
+    train_set = open_split(data_dir, "train", cell, vocab)
+    n = len(train_set)
+    if n == 0:
+        raise CommandError(f"--data {data_dir}: the 'train' split is empty")
+    total = num_steps(tc, n)
+    decay_iters = tc["lr_decay_iters"] if tc["lr_decay_iters"] is not None else total
+    total_items = None if tc["max_iters"] is not None else math.ceil(tc["epochs"] * n)
+    order = DataOrder(n, tc["batch_size"], cell["seed"], total_items)
+
+    # Model: seeded init, then the optimizer with the model's decay groups.
+    torch.manual_seed(cell["seed"])
+    mcfg = build_model_config(cell, vocab)
+    model = MemoryMosaic(mcfg).to(dev)
+    optimizer = model.configure_optimizers(tc["weight_decay"], tc["lr"], (tc["beta1"], tc["beta2"]), dev.type)
+
+    digest = resume_digest(cell)
+    code_fp = scope_fingerprint("train")
+    state = TrainState()
+    log = TrainLog(out / "train.log", total, 0, quiet=quiet)
+    try:
+        if ckpt_path.exists():
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt["resume_digest"] != digest or ckpt.get("code_fingerprint") != code_fp:
+                what = "cell config" if ckpt["resume_digest"] != digest else "training code"
+                log(f"{ckpt_path}: written for a different {what}; starting the cell from scratch")
+            elif ckpt["step"] > total:
+                raise CommandError(f"{ckpt_path}: at step {ckpt['step']}, past this cell's {total} steps")
+            else:
+                try:
+                    model.load_state_dict(ckpt["model"])
+                    optimizer.load_state_dict(ckpt["optimizer"])
+                except (RuntimeError, ValueError, KeyError) as e:
+                    raise CommandError(f"{ckpt_path}: does not match the model/optimizer ({e}); delete it to restart") from None
+                _set_rng_state(ckpt["rng"], dev)
+                state = TrainState(
+                    step=int(ckpt["step"]), elapsed_s=float(ckpt["elapsed_s"]), tokens=int(ckpt["tokens"]),
+                    curve={k: list(v) for k, v in ckpt["curve"].items()}, **ckpt["acc"],
+                )
+                log(f"resumed from {ckpt_path} at step {state.step}/{total}")
+        if state.step == 0:
+            log(
+                f"cell {cell['name']}: {cell['experiment']}/{cell['task']}/{cell['method']} n{cell['size']} s{cell['seed']}; "
+                f"{n} examples, {total} steps of batch {tc['batch_size']}, {model.num_parameters():,} parameters, "
+                f"device {dev}, dtype {tc['dtype']}, threads {tc['threads']}"
+            )
+            if n != cell["size"]:
+                log(f"warning: the data folder has {n} training examples, the cell's size is {cell['size']}")
+        if log.bar is not None:
+            log.bar.n = state.step
+            log.bar.refresh()
+
+        def save_checkpoint():
+            torch_save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": state.step,
+                    "data_position": state.step * tc["batch_size"],
+                    "rng": _rng_state(dev),
+                    "elapsed_s": state.elapsed_s,
+                    "tokens": state.tokens,
+                    "curve": state.curve,
+                    "acc": {"acc_loss": state.acc_loss, "acc_steps": state.acc_steps,
+                            "acc_tokens": state.acc_tokens, "acc_time": state.acc_time},
+                    "resume_digest": digest,
+                    "code_fingerprint": code_fp,
+                    "cell": cell,
+                    "model_config": _plain_config(mcfg),
+                },
+                ckpt_path,
+            )
+
+        model.train()
+        ctx = autocast_context(dev, tc["dtype"])
+        pending = []  # (step, loss tensor): checked for NaN/Inf at each flush (one sync per flush)
+
+        def flush():
+            if not pending:
+                return
+            values = torch.stack([l for _, l in pending]).float().cpu().tolist()
+            for (s, _), v in zip(pending, values):
+                if not math.isfinite(v):
+                    msg = f"non-finite training loss ({v}) at step {s} of cell {cell['name']}; model.pt not written"
+                    log(msg)
+                    raise NonFiniteLoss(msg)
+            state.acc_loss += float(sum(values))
+            state.acc_steps += len(values)
+            pending.clear()
+
+        t_last = time.perf_counter()
+        while state.step < total:
+            it = state.step
+            lr = get_lr(it, tc["lr"], tc["min_lr"], tc["warmup_iters"], decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order.batch(it)
+            batch = make_batch([train_set[int(i)] for i in idx], vocab)
+            n_tok = int(batch["lengths"].sum())
+            batch = batch_to_device(batch, dev)
+            with ctx:
+                _, loss = model_forward(model, batch)
+            loss.backward()
+            if tc["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            pending.append((state.step, loss.detach()))
+            state.tokens += n_tok
+            state.acc_tokens += n_tok
+            log.progress(1)
+            if stop_after is not None and state.step >= stop_after and state.step < total:
+                return {"stopped_at": state.step}
+
+            last = state.step == total
+            if state.step % tc["log_interval"] == 0 or last or state.step % tc["checkpoint_interval"] == 0:
+                flush()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                now = time.perf_counter()
+                state.elapsed_s += now - t_last
+                state.acc_time += now - t_last
+                t_last = now
+            if state.step % tc["log_interval"] == 0 or last:
+                mean_loss = state.acc_loss / max(state.acc_steps, 1)
+                tps = state.acc_tokens / state.acc_time if state.acc_time > 0 else float("nan")
+                for k, v in zip(CURVE_COLUMNS, (state.step, mean_loss, lr, tps, state.elapsed_s)):
+                    state.curve[k].append(v)
+                state.acc_loss, state.acc_steps, state.acc_tokens, state.acc_time = 0.0, 0, 0, 0.0
+                if log.bar is not None:
+                    log.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                    log.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {state.step}/{total} loss {mean_loss:.4f} lr {lr:.3e} tok/s {tps:.0f}\n")
+                else:
+                    log(f"step {state.step}/{total} loss {mean_loss:.4f} lr {lr:.3e} tok/s {tps:.0f} elapsed {state.elapsed_s:.1f}s")
+            if state.step % tc["checkpoint_interval"] == 0 or last:
+                save_checkpoint()
+        flush()
+
+        # Outputs: curve, model, summary (model.pt last-but-one: the summary marks completion).
+        final_loss = state.curve["loss"][-1] if state.curve["loss"] else float("nan")
+        write_parquet_atomic(curve_frame(state.curve), out / "curve.parquet")
+        torch_save_atomic(
+            {
+                "model": model.state_dict(),
+                "model_config": _plain_config(mcfg),
+                "cell": cell,
+                "step": state.step,
+                "config_digest": config_digest(cell),
+                "code_fingerprint": code_fp,
+            },
+            model_path,
+        )
+        summary = {
+            "cell": cell["name"],
+            "train_seconds": state.elapsed_s,
+            "n_params": int(model.num_parameters()),
+            "steps": state.step,
+            "epochs_seen": state.step * tc["batch_size"] / n if total_items is None else total_items / n,
+            "tokens": state.tokens,
+            "final_loss": final_loss,
+            "device": str(dev),
+            "dtype": tc["dtype"],
+            "threads": int(tc["threads"]),
+            "config_digest": config_digest(cell),
+            "code_fingerprint": code_fp,
+            "versions": versions(),
+        }
+        write_json_atomic(out / "train_summary.json", summary)
+        log(f"done: {state.step} steps, final loss {final_loss:.4f}, {state.elapsed_s:.1f}s; wrote {model_path}")
+        return summary
+    finally:
+        log.close()
+
+
+def _plain_config(cfg) -> dict:
+    """A dataclass config as a dict of plain python types (safe for weights_only loading)."""
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    for k, v in d.items():
+        if isinstance(v, tuple):
+            d[k] = list(v)
+    return d
