@@ -1,0 +1,73 @@
+# Data: seeded synthetic datasets in the authors' format, then packed for training.
+#
+#   results/<name>/data/lengthgen/<task>/n<size>/   train.* + validation_<i>_<L>.* + manifest.json
+#   results/<name>/data/lengthgen/<task>/test/      test_<i>_<L>.* + manifest.json (size-independent)
+#   .../packed/                                     <split>.tokens.npy, <split>.offsets.npy, packed.json
+#
+# manifest.json (written last, after every file) stands for the folder: the generator replaces
+# the whole folder atomically, so a present manifest means a complete folder.
+
+
+rule generate_train:
+    output:
+        f"{TRAIN_DATA}/manifest.json",
+    params:
+        data=cell_data,
+        flags=generate_train_flags,
+        code=code("data", "generate"),
+    log:
+        f"{LOGS}/data/{{task}}/n{{size}}.log",
+    threads: threads_of("data")
+    resources:
+        runtime=runtime_of("data"),
+        mem_mb=RES["data"]["mem_mb"],
+    conda:
+        "../../envs/analysis.yaml"
+    shell:
+        "{CLI} generate lengthgen --task {wildcards.task} --kind train --size {wildcards.size} "
+        "{params.flags} --out $(dirname {output}) > {log} 2>&1"
+
+
+rule generate_test:
+    output:
+        f"{TEST_DATA}/manifest.json",
+    params:
+        data=cell_data,
+        flags=generate_test_flags,
+        code=code("data", "generate"),
+    log:
+        f"{LOGS}/data/{{task}}/test.log",
+    threads: threads_of("data")
+    resources:
+        runtime=runtime_of("data"),
+        mem_mb=RES["data"]["mem_mb"],
+    conda:
+        "../../envs/analysis.yaml"
+    shell:
+        "{CLI} generate lengthgen --task {wildcards.task} --kind test "
+        "{params.flags} --out $(dirname {output}) > {log} 2>&1"
+
+
+rule pack:
+    input:
+        f"{DATA}/{{dataset}}/manifest.json",
+    output:
+        f"{DATA}/{{dataset}}/packed/packed.json",
+    params:
+        code=code("data", "pack"),
+    log:
+        f"{LOGS}/data/{{task}}/{{dataset}}.pack.log",
+    threads: threads_of("data")
+    resources:
+        runtime=runtime_of("data"),
+        mem_mb=RES["data"]["mem_mb"],
+    conda:
+        "../../envs/analysis.yaml"
+    shell:
+        "{CLI} pack $(dirname {input}) > {log} 2>&1"
+
+
+rule data:
+    input:
+        data_targets(),
+    localrule: True
