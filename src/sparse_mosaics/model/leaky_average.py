@@ -44,18 +44,30 @@ def _decay_matrix(lam: torch.Tensor, n: int) -> torch.Tensor:
     return w * causal
 
 
+def _apply_per_head(L: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """y[b, h, n] = L[h] @ xc[b, h, n] for L (H, C, C), xc (B, H, N, C, d).
+
+    One (H)-batched matmul on (H, C, B*N*d), so that autograd's gradient for L is (H, C, C) and
+    never a broadcast (B, H, N, C, C) tensor: memory stays O(T d).
+    """
+    B, H, N, C, d = xc.shape
+    X = xc.permute(1, 3, 0, 2, 4).reshape(H, C, B * N * d)              # (H, C, B*N*d)
+    Y = torch.bmm(L, X)                                                  # (H, C, B*N*d)
+    return Y.view(H, C, B, N, d).permute(2, 0, 3, 1, 4)                  # (B, H, N, C, d)
+
+
 def _leaky_average_chunked(x: torch.Tensor, lam: torch.Tensor, chunk: int) -> torch.Tensor:
     """Exact chunked scan. x (B, H, T, d) fp32, lam (H,) fp32 -> (B, H, T, d)."""
     B, H, T, d = x.shape
     if T <= chunk:
-        return _decay_matrix(lam, T)[None] @ x                           # (1,H,T,T) @ (B,H,T,d)
+        return _apply_per_head(_decay_matrix(lam, T), x[:, :, None])[:, :, 0]
     n_chunks = -(-T // chunk)
     pad = n_chunks * chunk - T
     if pad:  # zeros at the end: causal, so earlier outputs are unchanged
         x = torch.cat([x, x.new_zeros(B, H, pad, d)], dim=2)
     xc = x.view(B, H, n_chunks, chunk, d)                                # (B, H, N, C, d)
     L = _decay_matrix(lam, chunk)                                        # (H, C, C)
-    y = L[None, :, None] @ xc                                            # (B, H, N, C, d) within-chunk sums
+    y = _apply_per_head(L, xc)                                           # (B, H, N, C, d) within-chunk sums
     # state at the end of chunk n: S_n = sum_{m <= n} e^{-lam C (n - m)} s_m, s_m = y[:, :, m, C-1]
     s = y[:, :, :, -1, :]                                                # (B, H, N, d)
     S = _leaky_average_chunked(s, lam * chunk, chunk)                    # (B, H, N, d)
