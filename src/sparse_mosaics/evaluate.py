@@ -54,48 +54,22 @@ MQMTAR_METRICS = ("assoc_recall", "exact_match", "loss", "greedy_exact_match")
 # ---------------------------------------------------------------------------------------------
 
 
-def target_mask(x: torch.Tensor, lengths: torch.Tensor, sep: int) -> torch.Tensor:
-    """(B, T) bool: the target positions s_b <= p < lengths_b - 1 (s_b = first <sep> in x_b).
-
-    Raises ValueError for a row without <sep>.
-    """
-    B, T = x.shape
-    is_sep = x == sep                                              # (B, T)
-    if not bool(is_sep.any(dim=1).all()):
-        raise ValueError("an example has no <sep> token")
-    s = is_sep.int().argmax(dim=1)                                 # (B,) first <sep>
-    pos = torch.arange(T, device=x.device)[None, :]                # (1, T)
-    return (pos >= s[:, None]) & (pos < lengths.to(x.device)[:, None] - 1)
-
-
-def copy_like_scores(pred: torch.Tensor, y: torch.Tensor, tmask: torch.Tensor):
-    """Teacher-forced scores of copy / reverse / sort.
+def teacher_forced_scores(pred, batch: dict, task: str, vocab: dict, num_q: int = 4, v_len: int = 2):
+    """Scores of teacher-forced predictions on one batch.
 
     Args:
-        pred, y: (B, T) predicted and true next tokens; tmask: (B, T) target positions.
+        pred: (B, T) predicted next tokens (argmax of the logits); batch: from ``make_batch``.
 
     Returns:
-        exact (B,) bool (all target tokens right), correct tokens (int), target tokens (int).
+        group_ok: (B, G) bool — copy/reverse/sort: G = 1, all target tokens right (<eos> excluded);
+            mqmtar: G = num_q, query q right iff all its v_len value tokens are.
+        n_correct, n_tokens: ints, scored tokens right / scored tokens (for token accuracy).
     """
-    right = pred == y                                              # (B, T)
-    exact = (right | ~tmask).all(dim=1)
-    return exact, int((right & tmask).sum()), int(tmask.sum())
+    from .data.batching import score_groups, target_positions
 
-
-def mqmtar_scores(pred: torch.Tensor, y: torch.Tensor, tmask: torch.Tensor, num_q: int = 4, v_len: int = 2):
-    """Teacher-forced associative-recall scores: (B, num_q) bool, a query right iff all its values are.
-
-    Each row's target (its tmask positions, in order) must be num_q groups [q-sep v_1 .. v_vlen].
-    """
-    group = 1 + v_len
-    out = torch.zeros(pred.shape[0], num_q, dtype=torch.bool)
-    for b in range(pred.shape[0]):
-        idx = tmask[b].nonzero().squeeze(1)
-        if idx.numel() != num_q * group:
-            raise ValueError(f"mqmtar target has {idx.numel()} tokens, expected num_q * (1 + v_len) = {num_q * group}")
-        right = (pred[b, idx] == y[b, idx]).view(num_q, group)     # (num_q, 1 + v_len)
-        out[b] = right[:, 1:].all(dim=1).cpu()
-    return out
+    pos = target_positions(batch, task, vocab, num_q=num_q, v_len=v_len)    # (B, G, g)
+    ok, n_correct, n_tokens = score_groups(pred.cpu(), batch["y"].cpu(), pos)
+    return ok, int(n_correct.sum()), int(n_tokens.sum())
 
 
 def scored_target_offsets(task: str, trg_len: int, num_q: int = 4, v_len: int = 2) -> list[int]:
@@ -271,16 +245,11 @@ def evaluate_shard(model, split, n: int, vocab: dict, cell: dict, params: dict, 
         loss_sum += float((ce * lmask).sum())
         loss_count += int(lmask.sum())
         pred = logits.argmax(dim=-1)                                       # (B, T)
-        tmask = target_mask(x, lengths, vocab["sep"])
-        if task == "mqmtar":
-            q = mqmtar_scores(pred.cpu(), y.cpu(), tmask.cpu(), num_q=num_q, v_len=v_len)
-            q_right.append(q)
-            exact.append(q.all(dim=1))
-        else:
-            e, r, c = copy_like_scores(pred, y, tmask)
-            exact.append(e.cpu())
-            tok_right += r
-            tok_total += c
+        ok, r, c = teacher_forced_scores(pred, batch, task, vocab, num_q=num_q, v_len=v_len)
+        q_right.append(ok)                                                 # (B, G)
+        exact.append(ok.all(dim=1))                                        # (B,)
+        tok_right += r
+        tok_total += c
         g_stop = min(stop, n_greedy)
         if g_stop > start:
             greedy.append(greedy_exact(model, seqs[: g_stop - start], vocab, task, params, device, ctx))

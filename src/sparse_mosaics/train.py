@@ -290,8 +290,8 @@ def num_steps(train: dict, n_examples: int) -> int:
 class DataOrder:
     """The deterministic order of training examples: a fresh permutation of range(N) per epoch.
 
-    The permutation of epoch e is ``np.random.default_rng([seed, e]).permutation(N)``: a pure
-    function of (seed, e), so resuming only needs the step number. Batch i is the items
+    The permutation of epoch e is :func:`sparse_mosaics.data.epoch_permutation` (N, seed, e)
+    (PCG64 seeded by SeedSequence([seed, e])): a pure function of (seed, e), so resuming only needs the step number. Batch i is the items
     [i·B, min((i+1)·B, total)) of the concatenated epoch permutations (total = None: unbounded).
     """
 
@@ -301,7 +301,9 @@ class DataOrder:
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            from .data import epoch_permutation
+
+            self._perm = epoch_permutation(self.n, self.seed, epoch)
             self._epoch = epoch
         return self._perm
 
