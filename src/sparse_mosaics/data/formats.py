@@ -37,9 +37,14 @@ _SHARD_RE = re.compile(r"^(?P<prefix>[A-Za-z]+)_(?P<index>\d+)_(?P<length>\d+)$"
 # ----------------------------------------------------------------------------- writing text
 
 def token_table(n_values: int):
-    """(table, widths): table[v] = ASCII decimal of v then a space (zero-padded right), widths[v] its length."""
+    """(table, widths): table[v] = ASCII decimal of v then a space, zero-padded to 4 or 8 bytes.
+
+    widths[v] = number of meaningful bytes of table[v]. The padded width is a machine word so a
+    token's text is gathered with one 1-D lookup (see :func:`format_lines`).
+    """
     width = len(str(max(0, n_values - 1))) + 1
-    table = np.zeros((n_values, width), dtype=np.uint8)
+    word = 4 if width <= 4 else 8 if width <= 8 else width
+    table = np.zeros((n_values, word), dtype=np.uint8)
     widths = np.zeros(n_values, dtype=np.int64)
     for v in range(n_values):
         b = f"{v} ".encode()
@@ -53,16 +58,24 @@ def format_lines(flat: np.ndarray, lengths: np.ndarray, table: np.ndarray, width
 
     flat: (N,) tokens (row-major), lengths: (n,) tokens per line (all >= 1).
     Returns (bytes as a uint8 array, (n,) int64 bytes per line including '\\n').
+    Each token's padded text is gathered as one word, the padding is dropped with a boolean
+    mask gathered the same way, and the last space of every line becomes '\\n'.
     """
     flat = np.asarray(flat)
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.min() < 1:
         raise ValueError("format_lines: every line needs at least one token")
-    keep = np.arange(table.shape[1])[None, :] < widths[:, None]     # (V, width)
-    out = table[flat][keep[flat]]                                   # (bytes,)
-    tok_bytes = widths[flat]                                        # (N,)
+    word = table.shape[1]
+    keep = (np.arange(word)[None, :] < widths[:, None]).astype(np.uint8)   # (V, word)
+    if word in (4, 8):
+        wt = np.uint32 if word == 4 else np.uint64
+        text = table.view(wt).ravel()[flat].view(np.uint8)              # (N * word,)
+        mask = keep.view(wt).ravel()[flat].view(np.bool_)
+    else:
+        text, mask = table[flat].ravel(), keep[flat].ravel().view(np.bool_)
+    out = text[mask]                                                # (bytes,)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    line_bytes = np.add.reduceat(tok_bytes, starts) if len(flat) else np.zeros(0, np.int64)
+    line_bytes = np.add.reduceat(widths[flat], starts) if len(flat) else np.zeros(0, np.int64)
     out[np.cumsum(line_bytes) - 1] = ord("\n")                      # last space of a line -> '\n'
     return out, line_bytes
 
@@ -95,8 +108,8 @@ class SplitWriter:
                 raise ValueError(f"{self.name}.{side}: token {int(np.max(flat))} >= {self.n_values}")
             text, line_bytes = format_lines(flat, lengths, self.table, self.widths)
             starts = self.pos[side] + np.concatenate([[0], np.cumsum(line_bytes)[:-1]])
-            self.files[side].write(text.tobytes())
-            self.files[side + ".idx"].write(starts.astype("<u8").tobytes())
+            self.files[side].write(memoryview(text))
+            self.files[side + ".idx"].write(memoryview(starts.astype("<u8")))
             self.pos[side] += int(line_bytes.sum())
         self.count += len(src_len)
         self.nbytes = self.pos["src"] + self.pos["trg"]
@@ -588,3 +601,8 @@ class PackedSplit:
 
     def __repr__(self) -> str:
         return f"PackedSplit({str(self.dir)!r}, {self.split!r}, n={len(self)})"
+
+
+def read_packed_meta(folder) -> dict:
+    """packed.json of a packed folder (or of ``folder/packed``)."""
+    return json.loads((_packed_dir(folder) / "packed.json").read_text())
