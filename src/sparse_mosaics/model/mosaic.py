@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -68,21 +69,22 @@ class MemoryMosaicConfig:
     leaky_backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "pmem_size", "pmem_count"):
+        # ints / floats are normalised to Python types (numpy scalars from data code are accepted)
+        for name, low in (("vocab_size", 1), ("n_layer", 1), ("n_head", 1), ("n_embd", 1), ("pmem_size", 1),
+                          ("pmem_count", 1), ("v_shift", 0), ("skip_tokens", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MemoryMosaicConfig.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                kind = "a positive int" if low == 1 else "a non-negative int"
+                raise ValueError(f"MemoryMosaicConfig.{name} must be {kind}, got {value!r}")
+            setattr(self, name, int(value))
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"MemoryMosaicConfig.n_embd ({self.n_embd}) must be divisible by "
                              f"n_head ({self.n_head})")
-        for name in ("v_shift", "skip_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"MemoryMosaicConfig.{name} must be a non-negative int, got {value!r}")
         for name in ("ic_dropout", "hd_dropout"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
                 raise ValueError(f"MemoryMosaicConfig.{name} must be a float in [0, 1), got {value!r}")
+            setattr(self, name, float(value))
         for name in ("bias", "weight_tying", "pre_ln", "attn_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MemoryMosaicConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -368,7 +370,8 @@ class MemoryMosaic(nn.Module):
         Returns:
             logits (B, T, V), and the loss (scalar fp32) or None.
         """
-        B, T = idx.size()
+        if idx.dim() != 2:
+            raise ValueError(f"MemoryMosaic.forward expects idx of shape (B, T), got {tuple(idx.shape)}")
         x = self.emb(idx)                                          # (B, T, C)
         for block in self.blocks:
             x = block(x, lengths=lengths)
