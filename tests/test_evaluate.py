@@ -204,6 +204,10 @@ def test_evaluate_is_deterministic_and_max_examples(trained, tmp_path):
     cell["eval"]["greedy_max_examples_per_length"] = 0
     c = evaluate_cell(cell, cell_dir / "model.pt", test_dir, tmp_path / "c.parquet", quiet=True)
     assert (c["n_examples"] == 3).all() and "greedy_exact_match" not in set(c["metric"])
+    cell["eval"]["greedy_max_examples_per_length"] = 2
+    g = evaluate_cell(cell, cell_dir / "model.pt", test_dir, tmp_path / "g.parquet", quiet=True)
+    assert g.groupby("metric")["n_examples"].first().to_dict() == {
+        "exact_match": 3, "token_accuracy": 3, "loss": 3, "greedy_exact_match": 2}
 
 
 def test_bad_model_files_name_the_file(trained, tmp_path):

@@ -217,8 +217,8 @@ def batch_slices(lengths: list[int], batch_size: int, token_budget: int):
         start = stop
 
 
-def evaluate_shard(model, split, n: int, vocab: dict, cell: dict, params: dict, device, ctx, log=None) -> dict:
-    """Metrics of one shard (its first n examples) -> {metric: value}."""
+def evaluate_shard(model, split, n: int, vocab: dict, cell: dict, params: dict, device, ctx):
+    """Metrics of one shard (its first n examples) -> ({metric: value}, {metric: examples used})."""
     from .data import make_batch
 
     ev = cell["eval"]
@@ -261,7 +261,10 @@ def evaluate_shard(model, split, n: int, vocab: dict, cell: dict, params: dict, 
         out["token_accuracy"] = tok_right / max(tok_total, 1)
     if greedy:
         out["greedy_exact_match"] = float(np.concatenate(greedy).mean())
-    return out
+    counts = {k: n for k in out}
+    if greedy:
+        counts["greedy_exact_match"] = n_greedy
+    return out, counts
 
 
 def list_test_shards(folder):
@@ -336,7 +339,7 @@ def evaluate_cell(cell: dict, model_path, data_dir, out_path, *, train_summary=N
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
-                metrics = evaluate_shard(model, split, n, vocab, cell, params, dev, ctx)
+                metrics, counts = evaluate_shard(model, split, n, vocab, cell, params, dev, ctx)
         except ValueError as e:
             raise CommandError(f"--data {data_dir}: shard {name}: {e}") from None
         except CommandError as e:
@@ -350,7 +353,7 @@ def evaluate_cell(cell: dict, model_path, data_dir, out_path, *, train_summary=N
                 "experiment": cell["experiment"], "task": cell["task"], "method": cell["method"],
                 "kernel": spec.kernel, "alpha": spec.alpha, "k": spec.k,
                 "seed": int(cell["seed"]), "size": int(cell["size"]), "split": "test",
-                "test_length": int(length), "metric": metric, "value": float(value), "n_examples": int(n),
+                "test_length": int(length), "metric": metric, "value": float(value), "n_examples": int(counts[metric]),
                 **prov,
             })
     df = pd.DataFrame(rows)
