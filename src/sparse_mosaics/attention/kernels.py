@@ -227,7 +227,8 @@ def nadaraya_watson_weights(
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
         w = torch.exp(logits - top)  # largest weight 1: stable for any bandwidth
     elif base == "compact":
-        w = torch.clamp(1.0 - u2, min=0.0) ** n * sel
+        u2 = torch.where(sel, u2, torch.ones_like(u2))  # off-support entries: finite, zero weight
+        w = torch.where(sel, torch.clamp(1.0 - u2, min=0.0) ** n, torch.zeros_like(u2))
     else:  # uniform_knn
         w = sel.to(d2.dtype)
 
@@ -298,7 +299,8 @@ def entmax_threshold(scores: torch.Tensor, alpha: float, mask: torch.Tensor | No
         tau0 = 0.5 * (lo + hi)
     val, der = f(tau0, z)
     der = torch.where(der != 0, der, -torch.ones_like(der))
-    return tau0 - val / der
+    tau = tau0 - val / der
+    return torch.where(mask.any(-1), tau, torch.zeros_like(tau))
 
 
 def entmax(scores: torch.Tensor, alpha: float, mask: torch.Tensor | None = None) -> torch.Tensor:
