@@ -192,42 +192,51 @@ def count_lines(path) -> int:
 
 # ----------------------------------------------------------------------------- parsing text
 
+_BYTE_OK = np.zeros(256, dtype=bool)
+_BYTE_OK[[9, 10, 13, 32]] = True
+_BYTE_OK[48:58] = True
+_BYTE_DIGIT = np.zeros(256, dtype=bool)
+_BYTE_DIGIT[48:58] = True
+
+
 def parse_block(buf: bytes, path, first_line: int, n_lines: int):
     """Parse the text of ``n_lines`` whole lines: (tokens int64 (N,), tokens per line (n_lines,)).
 
-    Tokens are runs of ASCII digits separated by spaces, tabs or '\\r'; lines end with '\\n'.
-    Raises ValueError naming ``path`` and the 1-based line number of the first bad token or
-    empty line. ``first_line`` is the 0-based index of the block's first line in the file.
+    Tokens are runs of ASCII digits separated by spaces, tabs or '\\r'; lines end with '\\n'
+    (the last one may not). Raises ValueError naming ``path`` and the 1-based line number of
+    the first bad token or empty line. ``first_line`` is the 0-based index of the block's first
+    line in the file.
     """
     b = np.frombuffer(buf, dtype=np.uint8)
-    isdig = (b >= 48) & (b <= 57)
-    nl = np.flatnonzero(b == 10)
-    ok = isdig | (b == 32) | (b == 10) | (b == 9) | (b == 13)
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        line = first_line + int(np.searchsorted(nl, i)) + 1
-        ls = int(nl[nl < i][-1]) + 1 if np.any(nl < i) else 0
-        le = int(nl[nl > i][0]) if np.any(nl > i) else len(b)
-        word = [w for w in buf[ls:le].split() if not w.isdigit()]
+    if not _BYTE_OK[b].all():
+        i = int(np.argmin(_BYTE_OK[b]))
+        ls = buf.rfind(b"\n", 0, i) + 1
+        le = buf.find(b"\n", i)
+        line = first_line + buf.count(b"\n", 0, i) + 1
+        word = [w for w in buf[ls:le if le >= 0 else len(buf)].split() if not w.isdigit()]
         raise ValueError(f"{path}: line {line}: non-integer token {word[0].decode(errors='replace')!r}")
-    prev = np.concatenate([[False], isdig[:-1]])
-    nxt = np.concatenate([isdig[1:], [False]])
-    starts = np.flatnonzero(isdig & ~prev)
-    ends = np.flatnonzero(isdig & ~nxt)
-    ndig = ends - starts + 1
-    if len(ndig) and ndig.max() > 9:
+    isdig = _BYTE_DIGIT[b]
+    edge = np.diff(isdig.view(np.int8), prepend=np.int8(0), append=np.int8(0))   # +1 start, -1 end
+    starts = np.flatnonzero(edge == 1)
+    ndig = np.flatnonzero(edge == -1) - starts                       # (N,) digits per token
+    maxd = int(ndig.max()) if len(ndig) else 0
+    if maxd > 9:
         i = int(starts[np.argmax(ndig > 9)])
-        line = first_line + int(np.searchsorted(nl, i)) + 1
+        line = first_line + buf.count(b"\n", 0, i) + 1
         raise ValueError(f"{path}: line {line}: token {buf[i:i + 20].split()[0].decode()!r} is too large")
-    vals = np.zeros(len(starts), dtype=np.int64)
-    d = b.astype(np.int64) - 48
-    for k in range(int(ndig.max()) if len(ndig) else 0):
-        sel = ndig > k
-        vals[sel] = vals[sel] * 10 + d[starts[sel] + k]
-    line_of = np.searchsorted(nl, starts)                            # 0-based line in the block
-    counts = np.bincount(line_of, minlength=n_lines)
-    if len(counts) > n_lines:
-        raise ValueError(f"{path}: block starting at line {first_line + 1} has more lines than indexed")
+    vals = b[starts].astype(np.int64) - 48
+    for k in range(1, maxd):                                         # Horner over the digits
+        more = ndig > k
+        nxt = b[np.minimum(starts + k, len(b) - 1)].astype(np.int64) - 48
+        vals = np.where(more, vals * 10 + nxt, vals)
+    # tokens per line: token starts counted up to each line end
+    line_end = np.flatnonzero(b == 10)
+    if len(line_end) < n_lines:                                      # last line without '\n'
+        line_end = np.append(line_end, len(b) - 1)
+    if len(line_end) != n_lines:
+        raise ValueError(f"{path}: block at line {first_line + 1} has {len(line_end)} lines, "
+                         f"the index says {n_lines}")
+    counts = np.diff(np.searchsorted(starts, line_end, side="right"), prepend=0)   # (n_lines,)
     if np.any(counts == 0):
         line = first_line + int(np.flatnonzero(counts == 0)[0]) + 1
         raise ValueError(f"{path}: line {line} is empty (no tokens)")
@@ -483,16 +492,11 @@ def _pack_split(folder: Path, split: str, vocab: dict, out: Path) -> dict:
             flat[begins] = vocab["bos"]
             flat[begins + 1 + sc] = vocab["sep"]
             flat[ends - 1] = vocab["eos"]
-            body = np.ones(len(flat), dtype=bool)
-            body[begins] = False
-            body[begins + 1 + sc] = False
-            body[ends - 1] = False
-            # positions of src tokens then trg tokens inside each seq, in file order
-            row = np.repeat(np.arange(k), seq_len)
-            pos = np.arange(len(flat)) - begins[row]
-            is_src = body & (pos <= sc[row])
-            flat[is_src] = s
-            flat[body & ~is_src] = t
+            # token j of the block's src (line r) goes to begins[r] + 1 + (j - first src token of r)
+            s_first = np.cumsum(sc) - sc
+            t_first = np.cumsum(tc) - tc
+            flat[np.arange(len(s)) + np.repeat(begins + 1 - s_first, sc)] = s
+            flat[np.arange(len(t)) + np.repeat(begins + 2 + sc - t_first, tc)] = t
             lengths[a:a + k] = seq_len
             smin, smax = int(sc.min()), int(sc.max())
             stats["src_min"] = smin if stats["src_min"] is None else min(stats["src_min"], smin)
