@@ -84,6 +84,8 @@ def test_validate_fills_defaults():
         (lambda c: c["model"].update(vocab_size=10), "model.vocab_size"),
         (lambda c: c["eval"].update(max_examples_per_length=-1), "eval.max_examples_per_length"),
         (lambda c: c.update(seed=True), "seed"),
+        (lambda c: c["model"].update(n_embd=15), "model"),
+        (lambda c: c["data"].update(vocab=0), "data"),
     ],
 )
 def test_bad_cell_names_the_key(tmp_path, mutate, key):

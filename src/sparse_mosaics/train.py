@@ -208,6 +208,21 @@ def validate_cell(cell, source="cell config") -> dict:
     if train["dtype"] not in DTYPES:
         raise _cfg_error(source, t("dtype"), f"must be one of {', '.join(DTYPES)}, got {train['dtype']!r}")
 
+    # the task's generator parameters and the full model config must be constructible
+    try:
+        from .data.lengthgen import task_params, vocab_for_params
+
+        vocab = vocab_for_params(cell["task"], task_params(cell["task"], **cell["data"]))
+    except (TypeError, ValueError) as e:
+        raise _cfg_error(source, "data", str(e)) from None
+    if fields is not None:
+        from .model import MemoryMosaicConfig
+
+        try:
+            MemoryMosaicConfig(**model, vocab_size=int(vocab["vocab_size"]), method=cell["method"])
+        except (TypeError, ValueError) as e:
+            raise _cfg_error(source, "model", str(e)) from None
+
     # eval
     ev = cell.get("eval", {})
     if not isinstance(ev, dict):
