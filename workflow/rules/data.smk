@@ -5,7 +5,9 @@
 #   .../packed/                                     <split>.tokens.npy, <split>.offsets.npy, packed.json
 #
 # manifest.json (written last, after every file) stands for the folder: the generator replaces
-# the whole folder atomically, so a present manifest means a complete folder.
+# the whole folder atomically, so a present manifest means a complete folder. --force: Snakemake
+# decides when a folder is stale (params, code), and the generator then replaces it, packed/
+# included (pack always reruns after generate).
 
 
 rule generate_train:
@@ -24,8 +26,8 @@ rule generate_train:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{CLI} generate lengthgen --task {wildcards.task} --kind train --size {wildcards.size} "
-        "{params.flags} --out $(dirname {output}) > {log} 2>&1"
+        "{CLI} generate --task {wildcards.task} --split train --size {wildcards.size} "
+        "{params.flags} --out $(dirname {output}) --force > {log} 2>&1"
 
 
 rule generate_test:
@@ -44,8 +46,8 @@ rule generate_test:
     conda:
         "../../envs/analysis.yaml"
     shell:
-        "{CLI} generate lengthgen --task {wildcards.task} --kind test "
-        "{params.flags} --out $(dirname {output}) > {log} 2>&1"
+        "{CLI} generate --task {wildcards.task} --split test "
+        "{params.flags} --out $(dirname {output}) --force > {log} 2>&1"
 
 
 rule pack:
