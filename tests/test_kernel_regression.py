@@ -94,11 +94,11 @@ def test_compact_constants(name, const):
 )
 def test_profiles_integrate_to_one(name):
     """int K(u) du = 1 over the support, K >= 0, K even, and compact kernels vanish for |u| >= 1."""
-    u = torch.linspace(-8, 8, 320001, dtype=DT)
+    u = torch.linspace(-8, 8, 160001, dtype=DT)
     ku = K.kernel_profile(name, u)
     assert torch.all(ku >= 0)
     assert torch.allclose(ku, K.kernel_profile(name, -u), atol=0, rtol=1e-15)
-    assert float(torch.trapezoid(ku, u)) == pytest.approx(1.0, abs=2e-4 if "knn" in name else 1e-9)
+    assert float(torch.trapezoid(ku, u)) == pytest.approx(1.0, abs=2e-4 if "knn" in name else 1e-8)
     if name != "gaussian":
         assert torch.all(ku[u.abs() > 1.0] == 0)
 

@@ -265,7 +265,7 @@ def nadaraya_watson(
 # Bandwidths under which attention methods are NW estimators
 
 
-def entmax_threshold(scores: torch.Tensor, alpha: float, mask: torch.Tensor | None = None, n_iter: int = 200):
+def entmax_threshold(scores: torch.Tensor, alpha: float, mask: torch.Tensor | None = None, n_iter: int = 80):
     """tau_i with sum_j [(alpha-1) s_ij - tau_i]_+^{1/(alpha-1)} = 1 over admissible j. (..., M, N) -> (..., M).
 
     Bisection on [m - 1, m - |A_i|^{1-alpha}] (m = max_j (alpha-1) s_ij) to machine precision, then
