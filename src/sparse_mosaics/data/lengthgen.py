@@ -216,12 +216,13 @@ def mqmtar_file_vocab(rng: np.random.Generator, params: dict):
 def distinct_rows(rng: np.random.Generator, n: int, m: int, K: int) -> np.ndarray:
     """(n, m) int64: each row m distinct values of 0..K-1, uniform over ordered m-tuples.
 
-    Few pairs (m^2 << K): draw iid and redraw the rows with a repeat (rejection). Otherwise:
-    row-wise random permutations of 0..K-1, truncated to m (in sub-chunks of ~2^24 entries).
+    Few pairs (m^2 <= 4K, so P(no repeat) ~ exp(-m^2 / 2K) >= e^-2): draw iid and redraw the
+    rows with a repeat (rejection). Otherwise: row-wise random permutations of 0..K-1,
+    truncated to m (in sub-chunks of ~2^24 entries).
     """
     if m > K:
         raise ValueError(f"cannot draw {m} distinct values out of {K}")
-    if m * (m - 1) <= K:                        # P(repeat) <= ~1/2 per row
+    if m * m <= 4 * K:
         out = rng.integers(0, K, size=(n, m))
         bad = np.arange(n)
         while True:
