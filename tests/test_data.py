@@ -284,6 +284,8 @@ def test_pack_round_trip(tmp_path, task):
             assert ps[i].tolist() == [v["bos"]] + src[i] + [v["sep"]] + trg[i] + [v["eos"]]
         assert ps.lengths.tolist() == [len(s) + len(t) + 3 for s, t in zip(src, trg)]
     assert [s[2] for s in list_shards(d, "validation")] == [64, 128]
+    with pytest.raises(ValueError, match="manifest.json is for task"):
+        pack(d, tmp_path / "wrong", task="sort" if task != "sort" else "copy")
     # packing twice gives identical bytes
     first = files_bytes(out)
     pack(d)

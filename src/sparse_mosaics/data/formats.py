@@ -424,8 +424,11 @@ def folder_vocab(folder, task=None, vocab=None, abc_size=None) -> tuple[str, dic
     from .lengthgen import task_vocab
 
     man = read_manifest(folder)
-    if man is not None and "vocab" in man and task is None and vocab is None and abc_size is None:
-        return man["task"], man["vocab"]
+    if man is not None and "vocab" in man:
+        if task is not None and task != man.get("task"):
+            raise ValueError(f"{folder}/manifest.json is for task {man.get('task')!r}, not {task!r}")
+        if task is None and vocab is None and abc_size is None:
+            return man["task"], man["vocab"]
     task = task or infer_task(folder)
     if task is None:
         raise ValueError(f"{folder}: no manifest.json and no task in the path; pass the task explicitly")
