@@ -343,6 +343,18 @@ def test_backward_finite_grads(method):
         assert m.blocks[0].ctx.key.leaky_beta.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", PAPER_METHODS)
+def test_very_short_sequences(method):
+    """T = 1 (no admissible key anywhere), T = 2, 3 (fewer keys than K = 16)."""
+    m = build(method, seed=12)
+    for T in (1, 2, 3):
+        idx = torch.randint(0, V, (2, T))
+        logits, loss = m(idx, idx)
+        loss.backward()
+        assert logits.shape == (2, T, V) and torch.isfinite(logits).all() and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("kw", [dict(pre_ln=False), dict(attn_only=True), dict(pmem_count=2, bias=True),
                                 dict(v_shift=2)])
 def test_variants_run(kw):

@@ -18,6 +18,24 @@ O(T)-memory leaky average (no length limit) and the method's attention from
 DESIGN.md §3).
 
 Shapes: B batch, T time, C = n_embd, H = n_head, d = C / H, P = pmem_size, V = vocab_size.
+
+Decisions and deviations from the eft reference (SPEC.md §2.9, §5.2, §6):
+  - unit vectors: context keys and values k / (|k| + 1e-6) (eft); persistent-memory keys k / |k|
+    with no eps (a 1e-30 floor only turns an exactly-zero vector into 0 instead of NaN);
+  - leaky average: exact gradient in lam (the WKV kernel's lam-scaled gradient is a bug), no
+    T_MAX; computed on fp32 features, with the unnormalised sum (the running-sum denominator of
+    the WKV kernel cancels in the unit normalisation, up to the 1e-6 eps);
+  - precision: leaky average, unit normalisation and the whole context memory (scores, weights,
+    p @ v) run in fp32 with autocast disabled; Linear layers, the head and the persistent-memory
+    SDPA follow autocast (bf16 under torch.autocast, as in the reference);
+  - no attention dropout in the context memory (eft defines ic_dropout but never applies it
+    there); ic_dropout is the dropout inside the persistent-memory softmax;
+  - masks: every method uses the strict look-ahead mask j <= i - v_shift of kernel_attention (the
+    eft top-K-uniform / norm_relu / relumax off-by-one of SPEC.md §5.2 item 23 is not reproduced);
+    padding enters only through ``lengths`` (right padding) and never changes real positions;
+  - loss: the caller passes the loss mask (the data code builds the reference's
+    "position >= first <sep> and not <pad>" rule); negative targets are ignored; an all-False mask
+    gives loss 0 instead of NaN.
 """
 
 from __future__ import annotations
