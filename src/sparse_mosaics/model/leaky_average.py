@@ -21,6 +21,8 @@ Backends:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
@@ -101,8 +103,9 @@ def leaky_average_dense(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_fn():
-    """The Triton scan, or None when it cannot be imported."""
+    """The Triton scan, or None when it cannot be imported (looked up once per process)."""
     try:
         from .leaky_average_triton import leaky_average_triton
     except Exception:  # ImportError, or a Triton/driver error while importing
