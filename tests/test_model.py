@@ -244,6 +244,61 @@ def test_optimizer_groups():
 
 
 # ----------------------------------------------------------------------------------------------
+# the two memories against a from-scratch computation (loops over heads and positions)
+
+
+def _unit_np(v, eps):
+    return v / (v.norm() + eps)
+
+
+def test_context_and_persistent_memory_formulas():
+    torch.manual_seed(13)
+    cfg = tiny("softmax", n_embd=12, n_head=3, pmem_size=5)
+    block = MemoryMosaic(cfg).blocks[0].eval()
+    ctx, pmem = block.ctx, block.pmem
+    with torch.no_grad():   # non-trivial per-head parameters
+        for p_ in (ctx.kernel_beta, ctx.value.value_beta, pmem.kernel_beta, pmem.value_beta):
+            p_.uniform_(-0.2, 0.2)
+    B, T, C, H, d = 2, 9, 12, 3, 4
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    ctx.double(), pmem.double()
+    with torch.no_grad():
+        y_ctx = ctx(x)
+        y_pmem = pmem(x)
+        Wk, Wv = ctx.key.linear.weight, ctx.value.linear.weight
+        heads_ctx = torch.zeros(B, T, C, dtype=torch.float64)
+        heads_pmem = torch.zeros(B, T, C, dtype=torch.float64)
+        for b in range(B):
+            for h in range(H):
+                sl = slice(h * d, (h + 1) * d)
+                lam = 10 * ctx.key.leaky_beta[h].abs()
+                beta = torch.exp(torch.clamp(10 * ctx.kernel_beta[h], max=5))
+                sigma = torch.exp(torch.clamp(10 * ctx.value.value_beta[h], max=5))
+                c = ctx.value.coef[h]
+                kx = x[b] @ Wk[sl].T                                           # (T, d)
+                u = x[b] @ Wv[sl].T
+                keys = [beta * _unit_np(sum(torch.exp(-lam * (t - i)) * kx[i] for i in range(t + 1)), 1e-6)
+                        for t in range(T)]
+                vals = [sigma * _unit_np((1 - c) * (u[t + 1] if t + 1 < T else 0 * u[t]) + c * u[t], 1e-6)
+                        for t in range(T)]
+                for i in range(1, T):
+                    s_ = torch.stack([keys[i] @ keys[j] for j in range(i)])
+                    p_ = torch.softmax(s_, 0)
+                    heads_ctx[b, i, sl] = sum(p_[j] * vals[j] for j in range(i))
+                # persistent memory
+                lam2 = 10 * pmem.key.leaky_beta[h].abs()
+                beta2 = torch.exp(torch.clamp(10 * pmem.kernel_beta[h], max=5)) ** 2
+                sig2 = torch.clamp(torch.exp(10 * pmem.value_beta[h]), max=5)
+                kx2 = x[b] @ pmem.key.linear.weight[sl].T
+                Mk, Mv = pmem.M_k[0][0, h], pmem.M_v[0][0, h]                  # (P, d)
+                for t in range(T):
+                    q = beta2 * _unit_np(sum(torch.exp(-lam2 * (t - i)) * kx2[i] for i in range(t + 1)), 0.0)
+                    heads_pmem[b, t, sl] = sig2 * (torch.softmax(Mk @ q, 0) @ Mv)
+        torch.testing.assert_close(y_ctx, heads_ctx @ ctx.c_proj.weight.T, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(y_pmem, heads_pmem @ pmem.c_proj.weight.T, rtol=1e-9, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
 # forward, loss, masking
 
 

@@ -138,6 +138,11 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (fp64 stays fp64, so the model can be checked in double precision)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _unit(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / (|x| + eps) over the last dim. eps=0 means plain x/|x| (a 1e-30 floor avoids 0/0 only)."""
     norm = x.norm(dim=-1, keepdim=True)
@@ -170,7 +175,7 @@ class KeyFeaturizer(nn.Module):
         B, T, C = x.size()
         k = self.linear(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         lam = self.leaky_beta.abs() * EXP_SCALE                                          # (H,)
-        k = leaky_average(k.float(), lam.float(), backend=self.backend)                 # (B, H, T, d) fp32
+        k = leaky_average(_f32(k), _f32(lam), backend=self.backend)                     # (B, H, T, d) fp32
         return _unit(k, self.eps)
 
 
@@ -195,11 +200,11 @@ class ValueFeaturizer(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         s = self.shift
-        u = self.linear(x).float().view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
+        u = _f32(self.linear(x)).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, d)
         u_next = torch.cat([u[:, :, s:], u.new_zeros(B, self.n_head, min(s, T), u.size(-1))], dim=2)
-        c = self.coef.float().view(1, -1, 1, 1)
+        c = _f32(self.coef).view(1, -1, 1, 1)
         v = _unit((1.0 - c) * u_next + c * u, EPS_CTX)                                      # (B, H, T, d)
-        return v * _exp_beta(self.value_beta.float())
+        return v * _exp_beta(_f32(self.value_beta))
 
 
 class ContextMemory(nn.Module):
@@ -225,7 +230,7 @@ class ContextMemory(nn.Module):
 
     def forward(self, x, lengths=None):
         B, T, C = x.size()
-        k = self.key(x) * _exp_beta(self.kernel_beta.float())            # (B, H, T, d) fp32
+        k = self.key(x) * _exp_beta(_f32(self.kernel_beta))              # (B, H, T, d) fp32
         v = self.value(x)                                                 # (B, H, T, d) fp32
         with torch.autocast(device_type=x.device.type, enabled=False):   # kernel regression in fp32
             y = kernel_attention(k, k, v, self.method, shift=self.shift, lengths=lengths,
@@ -264,7 +269,7 @@ class PersistentMemory(nn.Module):
 
     def forward(self, x):
         B, T, C = x.size()
-        q = self.key(x) * _exp_beta(self.kernel_beta.float()) ** 2       # (B, H, T, d) fp32
+        q = self.key(x) * _exp_beta(_f32(self.kernel_beta)) ** 2         # (B, H, T, d) fp32
         q = q.to(x.dtype)
         p = self.ic_dropout if self.training else 0.0
         y = 0
@@ -403,7 +408,7 @@ class MemoryMosaic(nn.Module):
         """sum_t CE_t * m_t / sum_t m_t, m = loss_mask (or position >= skip_tokens) and target >= 0.
         An all-zero mask gives loss 0 (no NaN)."""
         B, T, V = logits.shape
-        ce = F.cross_entropy(logits.float().reshape(B * T, V), targets.clamp_min(0).reshape(B * T),
+        ce = F.cross_entropy(_f32(logits).reshape(B * T, V), targets.clamp_min(0).reshape(B * T),
                              reduction="none").view(B, T)          # (B, T)
         if loss_mask is not None:
             if loss_mask.shape != (B, T):
@@ -411,5 +416,5 @@ class MemoryMosaic(nn.Module):
             mask = loss_mask.bool()
         else:
             mask = torch.arange(T, device=logits.device)[None, :] >= self.config.skip_tokens
-        mask = (mask & (targets >= 0)).float()
+        mask = (mask & (targets >= 0)).to(ce.dtype)
         return (ce * mask).sum() / mask.sum().clamp_min(1.0)
