@@ -357,6 +357,7 @@ def test_cli_generate_and_pack(tmp_path, capsys):
     assert files_bytes(folder)["train.src"] != before["train.src"]
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir())   # no temp leftovers
 
+    (root / "lengthgen" / "copy" / "test").mkdir()                       # an empty folder is not refused
     assert cli.main(["generate", "--task", "copy", "--split", "test", "--seed", "5", "--out-root", str(root),
                      "--test-lengths", "64", "128", "--test-size", "7", "--quiet"]) == 0
     test = root / "lengthgen" / "copy" / "test"

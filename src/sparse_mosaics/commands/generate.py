@@ -89,7 +89,9 @@ def main(args) -> int:
         have = formats.read_manifest(dest) if dest.exists() else None
     except ValueError:
         have = {}
-    if dest.exists():
+    if dest.is_dir() and not any(dest.iterdir()):
+        pass                                    # an empty folder (e.g. made by Snakemake) is free
+    elif dest.exists():
         same = have is not None and {k: v for k, v in have.items() if k != "files"} == want
         if same and not args.force:
             print(f"generate: {dest} is up to date", file=sys.stderr)
