@@ -25,7 +25,8 @@ Predictions are teacher-forced: pred_p = argmax_v logits_p,v.
   causal model this equals the teacher-forced ``exact_match`` up to floating-point noise (by
   induction on the first wrong token), so a gap between the two flags a causality leak or
   numerical instability. Decoding of an example stops at its first wrong scored token. At most
-  ``eval.greedy_max_examples_per_length`` examples per shard (0: skip this metric).
+  ``eval.greedy_max_examples_per_length`` examples per shard (default 256; null: all; 0: skip
+  this metric); the ``n_examples`` column gives the count each row used.
 
 Output: one row per (experiment, task, method, kernel, alpha, k, seed, size, split, test_length,
 metric) with ``value`` and ``n_examples``, plus provenance columns (CONTRACTS.md "Results").

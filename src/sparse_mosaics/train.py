@@ -88,9 +88,10 @@ EVAL_DEFAULTS = {
     "max_examples_per_length": None,
     # Upper bound on B * T (input tokens) per evaluation batch: long shards use smaller batches.
     "token_budget": 16384,
-    # Autoregressive greedy decoding re-runs the model once per target token: bound its cost.
-    # null -> the same examples as the teacher-forced metrics; 0 -> skip greedy_exact_match.
-    "greedy_max_examples_per_length": None,
+    # Autoregressive greedy decoding re-runs the whole model once per target token (no KV cache):
+    # O(L) forwards per batch, so it is bounded by default. null -> the same examples as the
+    # teacher-forced metrics; 0 -> skip greedy_exact_match.
+    "greedy_max_examples_per_length": 256,
 }
 
 TOP_LEVEL_REQUIRED = ("name", "experiment", "task", "method", "seed", "size", "model", "train")
