@@ -490,3 +490,63 @@ def test_nw_entmax_view_is_gradcheckable():
         return K.attention_as_regression(spec, a, b, c, 1.8, 1.8, mask=mask)
 
     assert torch.autograd.gradcheck(f, tuple(x.requires_grad_() for x in (q_hat, k_hat, v)), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Figure 1
+
+
+def test_figure1_profiles_match_paper_peaks():
+    """Grid step 0.01 on [-2, 2], each profile normalised to sum 1: peaks 0.0042, 0.0109, 0.0094,
+    0.0075, 0.0058, 0.0050 (Gaussian, triweight, biweight, Epanechnikov, Gaussian kNN, uniform kNN)."""
+    from sparse_mosaics.figures.kernels import kernel_profiles
+
+    u, prof = kernel_profiles()
+    assert len(u) == 401 and u[0] == -2.0 and u[-1] == 2.0
+    expected = {"Gaussian": 0.0042, "Triweight": 0.0109, "Biweight": 0.0094, "Epanechnikov": 0.0075,
+                "Gaussian kNN": 0.0058, "Uniform kNN": 0.0050}
+    for label, peak in expected.items():
+        assert prof[label].sum() == pytest.approx(1.0, abs=1e-12)
+        assert prof[label].max() == pytest.approx(peak, abs=6e-5), label
+
+
+def test_figure1_fixed_entry_weights():
+    """p_0([0, u1, u2]) from the reference backend equals the closed forms:
+    softmax 1/(1 + e^u1 + e^u2); top-2 uniform 1/2 when 0 is not the smallest score, else 0;
+    top-2 softmax 1/(1 + e^max(u1, u2)) when 0 is not the smallest score, else 0;
+    NormReLU (h^2 = 6 on the radius-sqrt 2 sphere) 1/(1 + relu(1+u1) + relu(1+u2));
+    ReLUmax relu(1 - m)/(relu(1 - m) + relu(1 + u1 - m) + relu(1 + u2 - m)), m = max(0, u1, u2);
+    sparsemax 1 when u1, u2 <= -1; every entmax 1/3 at u1 = u2 = 0."""
+    import numpy as np
+
+    from sparse_mosaics.figures.kernels import fixed_entry_weight
+
+    g = np.random.default_rng(1515)
+    u1, u2 = g.uniform(-2, 2, 400), g.uniform(-2, 2, 400)
+    np.testing.assert_allclose(fixed_entry_weight("softmax", u1, u2), 1 / (1 + np.exp(u1) + np.exp(u2)), atol=1e-12)
+    in_top2 = (u1 < 0) | (u2 < 0)  # 0 is not the smallest of the three scores
+    np.testing.assert_allclose(fixed_entry_weight("top2_uniform", u1, u2), np.where(in_top2, 0.5, 0.0), atol=1e-12)
+    top2_soft = np.where(in_top2, 1 / (1 + np.exp(np.maximum(u1, u2))), 0.0)
+    np.testing.assert_allclose(fixed_entry_weight("top2_softmax", u1, u2), top2_soft, atol=1e-12)
+    relu = lambda x: np.maximum(x, 0.0)  # noqa: E731
+    np.testing.assert_allclose(fixed_entry_weight("norm_relu", u1, u2), 1 / (1 + relu(1 + u1) + relu(1 + u2)), atol=1e-12)
+    m = np.maximum(0, np.maximum(u1, u2))
+    w = [relu(1 - m), relu(1 + u1 - m), relu(1 + u2 - m)]
+    np.testing.assert_allclose(fixed_entry_weight("relumax", u1, u2), w[0] / sum(w), atol=1e-12)
+    low = (u1 <= -1) & (u2 <= -1)
+    assert low.any() and np.allclose(fixed_entry_weight("epanechnikov", u1[low], u2[low]), 1.0)
+    for method in ("triweight", "biweight", "epanechnikov"):
+        assert fixed_entry_weight(method, np.zeros(1), np.zeros(1))[0] == pytest.approx(1 / 3, abs=1e-12)
+
+
+def test_plot_kernels_writes_pdf_and_png(tmp_path):
+    """plot_kernels(pdf, png) writes both files (atomically, via save_figure)."""
+    import matplotlib.pyplot as plt
+
+    from sparse_mosaics.figures.kernels import plot_kernels
+
+    fig = plot_kernels(tmp_path / "fig1.pdf", tmp_path / "fig1.png", grid_points=21)
+    plt.close(fig)
+    assert (tmp_path / "fig1.pdf").stat().st_size > 10_000
+    assert (tmp_path / "fig1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig1.pdf", "fig1.png"]
