@@ -2,7 +2,7 @@
 
     sparse-mosaics aggregate --experiment lengthgen --out results/<name>/tables/lengthgen.parquet \\
         [--summary results/<name>/tables/lengthgen_summary.html] \\
-        [--test-lengths copy=8,16,32,64 sort=8,16,32,64 ...] CELL_DIR/metrics.parquet ...
+        [--test-lengths copy=8,16,32,64 --test-lengths sort=8,16,32,64 ...] CELL_DIR/metrics.parquet ...
 
 The table is tidy long (DESIGN.md §6): one row per
 

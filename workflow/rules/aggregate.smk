@@ -29,7 +29,7 @@ rule aggregate_lengthgen:
         "../../envs/analysis.yaml"
     shell:
         "{CLI} aggregate --experiment lengthgen --out {output.table} --summary {output.summary} "
-        "--test-lengths {params.test_lengths} {input} > {log} 2>&1"
+        "{params.test_lengths} {input} > {log} 2>&1"
 
 
 rule tables:

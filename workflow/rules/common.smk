@@ -5,6 +5,7 @@
 # of results/.
 
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -192,6 +193,11 @@ def cell_eval(wildcards):
     return LG["eval"]
 
 
+def cell_json(wildcards):
+    """:func:`cell_config` as the text of cell.json."""
+    return json.dumps(cell_config(wildcards), indent=2, sort_keys=True)
+
+
 def cell_config(wildcards):
     """The cell config written to cell.json and read by `sparse-mosaics train/evaluate`."""
     return {
@@ -277,7 +283,7 @@ def cell_train_weights(wildcards):
 
 
 def test_length_spec():
-    """`--test-lengths` of `sparse-mosaics aggregate`: task=L1,L2,... for every task."""
+    """`--test-lengths TASK=L1,L2,...` of `sparse-mosaics aggregate`, once per task."""
     return " ".join(
-        f"{task}=" + ",".join(str(L) for L in test_lengths(task)) for task in LG["tasks"]
+        f"--test-lengths {task}=" + ",".join(str(L) for L in test_lengths(task)) for task in LG["tasks"]
     )

@@ -1,5 +1,5 @@
 """``sparse-mosaics aggregate --experiment lengthgen --out TABLE [--summary HTML]
-[--test-lengths TASK=L1,L2,... ...] CELL_METRICS...``: one checked experiment table.
+[--test-lengths TASK=L1,L2,...]... CELL_METRICS...``: one checked experiment table.
 
 See :mod:`sparse_mosaics.tables` for the table contract and the checks.
 """
@@ -16,8 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output table (.parquet)")
     parser.add_argument("--summary", default=None, help="also write an HTML summary (mean ± sd over seeds)")
     parser.add_argument(
-        "--test-lengths", nargs="+", default=None, metavar="TASK=L1,L2",
-        help="test lengths every cell of a task must have (default: the union over that task's cells)",
+        "--test-lengths", action="append", default=None, metavar="TASK=L1,L2,...",
+        help="test lengths every cell of TASK must have; repeat per task "
+             "(default: the union of the lengths that task's cells report)",
     )
     parser.add_argument("metrics", nargs="+", help="per-cell metrics.parquet files")
 
