@@ -42,9 +42,9 @@ __all__ = [
 ]
 
 # Solver iterations for alpha != 2 entmax (done in fp64): bisection brings the bracket (width <= 1)
-# to ~2^-30, then Newton from the left end (f is convex and decreasing, so Newton from a point with
+# to ~2^-16, then Newton from the left end (f is convex and decreasing, so Newton from a point with
 # f >= 0 increases monotonically to the root) converges quadratically to fp64 precision.
-_BISECT_ITERS = 30
+_BISECT_ITERS = 16
 _NEWTON_ITERS = 8
 
 
