@@ -1,0 +1,63 @@
+"""``sparse-mosaics bench [--quick] [--out DIR]``: check and time every attention implementation.
+
+Needs a CUDA GPU. Sections (``--sections``, default all): check (every implementation against the
+reference backend on fresh random inputs), kernels (GPU.md's anchor shapes, side by side with SDPA
+and adasplash), long (T up to 65,536), train (training step of the length-generalisation and ICLL
+cells per method), eval (long-context evaluation forward per method). Prints the results as
+markdown tables; with ``--out DIR`` writes DIR/bench.csv, DIR/bench.parquet and DIR/bench.md.
+See :mod:`sparse_mosaics.bench`.
+"""
+
+from __future__ import annotations
+
+HELP = "check and time every attention implementation on the GPU it finds"
+
+SECTIONS = ("check", "kernels", "long", "train", "eval")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a small subset of shapes and methods")
+    parser.add_argument("--out", default=None, help="folder for bench.csv, bench.parquet and bench.md")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--budget", type=float, default=1e9,
+                        help="stop starting new measurements after this many seconds (rows so far are kept)")
+    parser.add_argument("--compile", action="store_true", help="time the training step with torch.compile too")
+    parser.add_argument("--reference-model", action="store_true",
+                        help="also time the training step with attention_backend='reference' (materialised)")
+
+
+def main(args) -> int:
+    from ..errors import CommandError
+
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise CommandError(f"unknown --sections value(s) {bad}; valid: {', '.join(SECTIONS)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CommandError("bench needs a CUDA GPU and none is visible (torch.cuda.is_available() is False)")
+    from ..bench import markdown_tables, run_bench
+
+    rows = run_bench(quick=args.quick, sections=sections, budget_s=args.budget,
+                     log=lambda s: print(s, flush=True), compile_model=args.compile,
+                     reference_model=args.reference_model)
+    table = markdown_tables(rows)
+    print(table)
+    if args.out:
+        from pathlib import Path
+
+        import pandas as pd
+
+        from ..io import atomic_path, write_parquet_atomic, write_text_atomic
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        df = pd.DataFrame(rows)
+        with atomic_path(out / "bench.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        write_parquet_atomic(df, out / "bench.parquet")
+        write_text_atomic(out / "bench.md", table + "\n")
+    n_fail = sum(1 for r in rows if r.get("section") == "check" and not r.get("ok"))
+    return 1 if n_fail else 0

@@ -1,0 +1,108 @@
+"""Full-size GPU checks of the Triton kernels (attention and leaky average) against the references.
+
+Run on a CUDA machine: ``python -m pytest -q tests/test_gpu.py``. Skipped without CUDA.
+"""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+METHODS = ("softmax", "epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7",
+           "top16_softmax", "top16_uniform", "norm_relu", "relumax")
+
+
+def _check(method, D, dtype, shift, use_len, dist, T, impl="triton"):
+    from sparse_mosaics.bench import _fused, _ours, check_impl
+
+    lengths = torch.tensor([T, T // 2 + 7], device="cuda") if use_len else None
+    fn = _fused(method) if impl == "fused" else _ours(method, impl)
+    r = check_impl(impl, fn, method, 2, 4, T, D, dtype, shift, lengths, dist, seed=hash((method, D, T)) % 1000)
+    assert r["ok"], r
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_d64_lengths(method):
+    _check(method, 64, torch.bfloat16, 1, True, "mosaic", 600)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_d64_causal(method):
+    _check(method, 64, torch.bfloat16, 0, False, "normal", 1024)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fp32_d16(method):
+    _check(method, 16, torch.float32, 1, False, "mosaic", 333)
+
+
+@pytest.mark.parametrize("method", ("softmax", "biweight", "top16_softmax", "norm_relu", "relumax"))
+def test_bf16_d128(method):
+    _check(method, 128, torch.bfloat16, 1, False, "normal", 256)
+
+
+def test_fused_softmax_with_lengths():
+    _check("softmax", 64, torch.bfloat16, 1, True, "normal", 700, impl="fused")
+
+
+def test_topk_ties_keep_exactly_k():
+    """Duplicated keys create exact ties at the K-th score: still exactly min(K, |A_i|) keys kept."""
+    from sparse_mosaics.attention import get_method, kernel_attention
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, H, T, D, K = 2, 2, 128, 32, 16
+    base = torch.randn(B, H, 10, D, device="cuda", generator=g) / D ** 0.25
+    k = base[:, :, torch.randint(0, 10, (T,), device="cuda", generator=g)].contiguous()  # many equal keys
+    q = torch.randn(B, H, T, D, device="cuda", generator=g) / D ** 0.25
+    v = torch.eye(T, device="cuda").expand(B, H, T, T).contiguous()  # y[i, j] = p_ij
+    for fam in ("uniform", "softmax"):
+        p = kernel_attention(q, k, v, get_method(f"top{K}_{fam}"), shift=1, backend="triton")
+        counts = (p > 1e-6).sum(-1)                                   # (B, H, T) selected keys
+        want = torch.clamp(torch.arange(T, device="cuda"), max=K)     # |A_i| = i
+        assert torch.equal(counts, want.expand_as(counts)), fam
+        assert not torch.triu(p[0, 0] > 0).any()                     # never a key j >= i
+
+
+@pytest.mark.parametrize("method", ("biweight", "epanechnikov", "top16_softmax", "relumax", "norm_relu"))
+def test_long_sequence_linear_memory(method):
+    """T = 65,536 runs forward + backward with memory linear in T (no T x T tensor)."""
+    from sparse_mosaics.attention import get_method, kernel_attention
+
+    T, D = 65536, 64
+    q, k, v = (torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16).div(D ** 0.25).requires_grad_()
+               for _ in range(3))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    y = kernel_attention(q, k, v, get_method(method), shift=1, backend="triton")
+    y.float().sum().backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(y).all() and torch.isfinite(q.grad).all()
+    assert peak < 64 * T * D * 4  # a T x T fp32 matrix would be 16 GiB
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("T,d", ((5000, 64), (130, 24), (1, 16)))
+def test_leaky_average_triton(dtype, T, d):
+    from sparse_mosaics.model.leaky_average import leaky_average_reference
+    from sparse_mosaics.model.leaky_average_triton import leaky_average_triton
+
+    x = torch.randn(3, 4, T, d, device="cuda").to(dtype).requires_grad_()
+    lam = (torch.rand(4, device="cuda") * 3 + 0.02).requires_grad_()
+    y = leaky_average_triton(x, lam)
+    g = torch.randn_like(y)
+    gx, gl = torch.autograd.grad(y, (x, lam), g)
+    yr = leaky_average_reference(x.float(), lam)
+    gxr, glr = torch.autograd.grad(yr, (x, lam), g.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()  # noqa: E731
+    assert y.dtype == dtype
+    assert rel(y, yr) < tol and rel(gx, gxr) < tol and rel(gl, glr) < max(tol, 1e-4)
+
+
+def test_auto_backend_is_triton_on_cuda():
+    from sparse_mosaics.attention import get_method, resolve_backend
+
+    for m in METHODS:
+        assert resolve_backend(get_method(m), torch.device("cuda"), "auto") == "triton"

@@ -1,0 +1,139 @@
+"""Every Triton kernel against the reference on the CPU, through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before Triton kernels are defined, so the checks run in a
+fresh subprocess (this file executed as a script) with the variable set; that subprocess is
+started once per pytest session and its results are shared by the parametrised tests below. This
+keeps the test independent of whatever else the pytest process has imported.
+
+Covered: all attention families (softmax through the fused kernel, entmax alpha = 2, 1.5, 4/3,
+1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
+forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
+D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); and the
+leaky-average scan forward / backward (x and lam), T not a multiple of the chunk.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ATTN_METHODS = ("softmax", "epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7",
+                "top4_softmax", "top4_uniform", "norm_relu", "relumax")
+# (D, T, shift, lengths as fractions of T or None)
+ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"))
+LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
+CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
+         + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
+TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
+
+
+def _case_id(c):
+    return f"{c[1]}-D{c[2]}-T{c[3]}-s{c[4]}-{c[5] or 'nolen'}"
+
+
+# ------------------------------------------------------------------------------------------------
+# what runs inside the subprocess
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / (b.norm() + 1e-3))
+
+
+def _run_attention(method, D, T, shift, lens):
+    import torch
+
+    from sparse_mosaics.attention.fused import fused_attention
+    from sparse_mosaics.attention.reference import reference_attention
+    from sparse_mosaics.attention.registry import get_method
+
+    spec = get_method(method)
+    g = torch.Generator().manual_seed(hash((method, D, T)) % 10_000)
+    B, H = 2, 2
+    if spec.family == "norm_relu":  # |q - k|^2 around 1: some weights 0, some rows all 0 (uniform)
+        scale = 1.0 / (2 * D) ** 0.5
+    elif spec.family in ("entmax", "topk_softmax", "relumax"):
+        scale = 2.0 / D ** 0.25  # scores ~ N(0, 4): sparse but not one-hot
+    else:
+        scale = 1.0 / D ** 0.25
+    q = (torch.randn(B, H, T, D, generator=g) * scale).requires_grad_()
+    k = (torch.randn(B, H, T, D, generator=g) * scale).requires_grad_()
+    v = torch.randn(B, H, T, D, generator=g).requires_grad_()
+    lengths = None if lens is None else torch.tensor([T - 9, 0])  # crosses a block; empty sample
+    y = fused_attention(q, k, v, spec, shift, lengths)
+    go = torch.randn(y.shape, generator=g)
+    grads = torch.autograd.grad(y, (q, k, v), go)
+    yr = reference_attention(q, k, v, spec, shift, lengths)
+    grads_r = torch.autograd.grad(yr, (q, k, v), go, allow_unused=True)
+    out = {"out": _rel(y, yr)}
+    for name, a, b in zip(("dq", "dk", "dv"), grads, grads_r):
+        out[name] = _rel(a, torch.zeros_like(a) if b is None else b)
+    if lens is not None:  # the empty sample must give exact zeros (outputs and gradients)
+        out["empty_max"] = float(max(y[1].abs().max(), grads[0][1].abs().max(), grads[1][1].abs().max()))
+    return out
+
+
+def _run_leaky(d, T):
+    import torch
+
+    from sparse_mosaics.model.leaky_average import leaky_average_dense
+    from sparse_mosaics.model.leaky_average_triton import leaky_average_triton
+
+    g = torch.Generator().manual_seed(T * 100 + d)
+    x = torch.randn(2, 3, T, d, generator=g).requires_grad_()
+    lam = (torch.rand(3, generator=g) * 3 + 0.05).requires_grad_()
+    y = leaky_average_triton(x, lam)
+    go = torch.randn(y.shape, generator=g)
+    gx, gl = torch.autograd.grad(y, (x, lam), go)
+    yr = leaky_average_dense(x, lam)
+    gxr, glr = torch.autograd.grad(yr, (x, lam), go)
+    return {"out": _rel(y, yr), "dx": _rel(gx, gxr), "dlam": _rel(gl, glr)}
+
+
+def _main(path):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    results = {}
+    for c in CASES:
+        kind, method, D, T, shift, lens = c
+        try:
+            r = _run_leaky(D, T) if kind == "leaky" else _run_attention(method, D, T, shift, lens)
+        except Exception as e:  # reported per case by the tests
+            r = {"error": repr(e)}
+        results[_case_id(c)] = r
+    with open(path, "w") as f:
+        json.dump(results, f)
+
+
+# ------------------------------------------------------------------------------------------------
+# the tests
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("interp") / "results.json"
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([src] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_kernel_matches_reference(interpreted, case):
+    r = interpreted[_case_id(case)]
+    assert "error" not in r, r.get("error")
+    errs = {k: v for k, v in r.items() if k != "empty_max"}
+    assert max(errs.values()) < TOL, r
+    if "empty_max" in r:
+        assert r["empty_max"] == 0.0, r
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
