@@ -1,0 +1,51 @@
+"""Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
+
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods]
+
+Times forward and forward+backward at B=32, H=8, T=4096, D=64, bf16 for a few (BLOCK_M, BLOCK_N,
+num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
+"""
+
+import sys
+
+import torch
+
+from sparse_mosaics.attention import fused, get_method
+from sparse_mosaics.bench import _bench_ms, make_inputs
+
+FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
+BWD = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+
+
+def main(methods):
+    B, H, T, D = 32, 8, 4096, 64
+    q, k, v = make_inputs(B, H, T, D, torch.bfloat16, seed=1)
+    go = torch.randn_like(q)
+    for m in methods:
+        spec = get_method(m)
+        for cfg in FWD:
+            fused.CONFIG_OVERRIDE.clear()
+            fused.CONFIG_OVERRIDE["fwd"] = cfg
+            try:
+                with torch.no_grad():
+                    t = _bench_ms(lambda: fused.fused_attention(q, k, v, spec, 1, None))
+                print(f"tune {m:14s} fwd {cfg}: {t:.3f} ms", flush=True)
+            except Exception as e:
+                print(f"tune {m:14s} fwd {cfg}: ERROR {e!r}"[:300], flush=True)
+        fused.CONFIG_OVERRIDE.clear()
+        for cfg in BWD:
+            fused.CONFIG_OVERRIDE["bwd"] = cfg
+
+            def step():
+                fused.fused_attention(q, k, v, spec, 1, None).backward(go)
+
+            try:
+                t = _bench_ms(step)
+                print(f"tune {m:14s} fwd+bwd with bwd {cfg}: {t:.3f} ms", flush=True)
+            except Exception as e:
+                print(f"tune {m:14s} bwd {cfg}: ERROR {e!r}"[:300], flush=True)
+        fused.CONFIG_OVERRIDE.clear()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["biweight", "norm_relu"])
