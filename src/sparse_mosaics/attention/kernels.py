@@ -50,6 +50,8 @@ import re
 
 import torch
 
+from .reference import admissible_mask  # noqa: F401  (A_i; re-exported for the NW views)
+
 KERNEL_NAMES = ("gaussian", "epanechnikov", "biweight", "triweight", "compact_n<n>", "gaussian_knn", "uniform_knn")
 _NAMED_COMPACT = {"epanechnikov": 1.0, "biweight": 2.0, "triweight": 3.0}
 _COMPACT_RE = re.compile(r"^compact_n(\d+(?:\.\d+)?)$")
@@ -392,12 +394,3 @@ def attention_as_regression(
         h = max_anchored_bandwidth(d2_best, scale)
         return nadaraya_watson(q_hat, k_hat, values, "epanechnikov", h, mask=mask)
     raise ValueError(f"no kernel-regression view for method family {spec.family!r}")
-
-
-def admissible_mask(T: int, shift: int = 1, lengths: torch.Tensor | None = None, device=None) -> torch.Tensor:
-    """A_i as a bool mask: j <= i - shift and j < lengths[b]. (1 or B, 1, T, T)."""
-    i = torch.arange(T, device=device)
-    m = (i[None, :] <= i[:, None] - shift)[None, None]  # (1, 1, T, T)
-    if lengths is not None:
-        m = m & (i[None, None, None, :] < lengths.to(device)[:, None, None, None])
-    return m
