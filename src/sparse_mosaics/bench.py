@@ -136,8 +136,10 @@ def _rel(a, b):
 def check_impl(name, fn, method, B, H, T, D, dtype, shift, lengths, dist, seed, tol=None):
     """Errors of ``fn`` against the reference on fresh inputs (output and dq, dk, dv)."""
     spec = get_method(method)
+    # norm_relu: |q - k|^2 = 2 beta^2 (1 - cos) < 1 needs cos > 1 - 1 / (2 beta^2); beta^2 = 0.6 puts
+    # that at cos > 0.17, so rows have a few keys in the support and some fall back to uniform
     q, k, v = make_inputs(B, H, T, D, dtype, dist=dist, seed=seed,
-                          beta2=1.0 if spec.family == "norm_relu" else 7.39)
+                          beta2=0.6 if spec.family == "norm_relu" else 7.39)
     if spec.family == "norm_relu" and dist == "normal":
         with torch.no_grad():
             q.mul_(0.7)
@@ -148,11 +150,14 @@ def check_impl(name, fn, method, B, H, T, D, dtype, shift, lengths, dist, seed, 
     yr = reference_attention(q, k, v, spec, shift, lengths)
     grr = torch.autograd.grad(yr, (q, k, v), go, allow_unused=True)
     errs = [_rel(y, yr)]
+    # dq, dk relative to max(|ref|, 1e-2 |dv_ref|): where (almost) every row of norm_relu falls back
+    # to uniform weights the reference's dq, dk are pure rounding noise (~1e-6 |dv|), and a
+    # relative error of noise against noise means nothing
+    floor = 1e-2 * float(grr[2].float().norm()) if grr[2] is not None else 1e-6
     for a, b in zip(gr, grr):
-        if b is None or b.norm() == 0:
-            errs.append(0.0 if a is None else float(a.float().norm()))
-        else:
-            errs.append(_rel(a if a is not None else torch.zeros_like(b), b))
+        b = torch.zeros_like(a) if b is None else b
+        a = torch.zeros_like(b) if a is None else a
+        errs.append(float((a.float() - b.float()).norm()) / max(float(b.float().norm()), floor, 1e-6))
     t_out, t_grad = tol or TOL[dtype]
     ok = errs[0] <= t_out and max(errs[1:]) <= t_grad and all(math.isfinite(e) for e in errs)
     return dict(section="check", impl=name, method=method, B=B, H=H, T=T, D=D, dtype=str(dtype).split(".")[-1],

@@ -87,7 +87,9 @@ def _config(kind: str, head_dim: int, interpret: bool):
         return (32, 32, 1, 1)
     if kind == "fwd":
         if head_dim <= 64:
-            return (128, 64, 8, 3)
+            # H200 sweep (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16): forward of
+            # biweight 10.2 ms at (128, 32, 4, 3) vs 12.0 at (128, 64, 8, 3), norm_relu 2.77 vs 3.24
+            return (128, 32, 4, 3)
         return (128, 32, 8, 2)
     return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
 
@@ -175,7 +177,7 @@ def _root_excess(f, inv_n, NINT: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, O2, ST, IS, LENS,
+    Q, K, V, O, O2, OF, ST, IS, LENS,
     T, H, BH, shift, a_scale, n_exp, inv_n, topk,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
@@ -432,6 +434,10 @@ def _fwd_kernel(
     out = tl.where(nonempty[:, None], out, 0.0)
     tl.store(O + st_row[:, None] * DV + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    if SAVE:
+        if FAMILY >= 4:  # fp32 copy of the output: delta = dO . o must not see its bf16 rounding
+            tl.store(OF + st_row[:, None] * DV + offs_dv[None, :], out,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,23 +638,25 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
     fam = prm["fam"]
-    need_o2 = save and fam in (ENTMAX, RELUMAX)
+    need_o2 = save and fam in (ENTMAX, RELUMAX, NORM_RELU)
     o2 = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_o2 else st
+    need_of = save and fam == RELUMAX  # norm_relu keeps its fp32 output in o2, relumax needs both
+    of = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_of else o2
     lens = lengths if lengths is not None else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(T, BM), BH)
     _fwd_kernel[grid](
-        q, k, v, o, o2, st, ist, lens,
+        q, k, v, o, o2, of, st, ist, lens,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
     )
-    return o, o2 if need_o2 else None, st, ist
+    return o, o2 if need_o2 else None, of if need_of else None, st, ist
 
 
-def _launch_backward(q, k, v, o, o2, st, ist, do, prm, shift, lengths):
+def _launch_backward(q, k, v, o, o2, of, st, ist, do, prm, shift, lengths):
     B, H, T, D = q.shape
     DV = v.shape[-1]
     BH = B * H
@@ -658,6 +666,12 @@ def _launch_backward(q, k, v, o, o2, st, ist, do, prm, shift, lengths):
     # per-row constant of the Jacobian and (norm_relu / relumax) extra statistics in st[2]
     if fam == ENTMAX:
         rowc = (dof.view(BH, T, DV) * o2).sum(-1)                     # c = dO . o2
+    elif fam == NORM_RELU:
+        # delta = dO . o from the fp32 output: ds = (dp - delta) / L amplifies any rounding of o
+        # by 1/L, and L = sum_j w_ij can be tiny
+        rowc = (dof.view(BH, T, DV) * o2).sum(-1)
+    elif fam == RELUMAX:
+        rowc = (dof.view(BH, T, DV) * of).sum(-1)                     # G = ... - |supp| delta
     else:
         rowc = (dof * o.float()).sum(-1).view(BH, T)                  # delta = dO . o
     st = st.clone()
@@ -694,15 +708,15 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prm, shift, lengths):
         save = any(ctx.needs_input_grad[:3])
-        o, o2, st, ist = _launch_forward(q, k, v, prm, shift, lengths, save)
+        o, o2, of, st, ist = _launch_forward(q, k, v, prm, shift, lengths, save)
         ctx.prm, ctx.shift = prm, shift
-        ctx.save_for_backward(q, k, v, o, o2, st, ist, lengths)
+        ctx.save_for_backward(q, k, v, o, o2, of, st, ist, lengths)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, o2, st, ist, lengths = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(q, k, v, o, o2, st, ist, do, ctx.prm, ctx.shift, lengths)
+        q, k, v, o, o2, of, st, ist, lengths = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(q, k, v, o, o2, of, st, ist, do, ctx.prm, ctx.shift, lengths)
         return dq, dk, dv, None, None, None
 
 
