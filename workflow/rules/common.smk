@@ -40,7 +40,9 @@ registry = _load_registry()
 
 # The command every rule calls: `python -m sparse_mosaics.cli` on the package next to this
 # Snakefile. The path is substituted at run time only; the rules' shell templates (Snakemake's
-# "code" rerun trigger) stay independent of where the checkout lives.
+# "code" rerun trigger) stay independent of where the checkout lives. (Deliberately not a
+# `params:` entry, which `snakemake --lint` suggests: an absolute path there would rerun every
+# job when the checkout moves; the package code is tracked by the `code` params instead.)
 CLI = (
     f"PYTHONPATH={shlex.quote(str(SRC))}${{PYTHONPATH:+:$PYTHONPATH}} "
     "python -m sparse_mosaics.cli"
@@ -119,7 +121,7 @@ wildcard_constraints:
     method=_alternatives(LG["methods"]),
     size=_alternatives(s for t in LG["tasks"] for s in task_sizes(t)),
     seed=_alternatives(LG["seeds"]),
-    dataset="test|n(" + _alternatives(s for t in LG["tasks"] for s in task_sizes(t)) + ")",
+    dataset=f"test|n({_alternatives(s for t in LG['tasks'] for s in task_sizes(t))})",
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ rule cell_config:
     log:
         f"{LOGS}/cell_config/{CELL_ID}.log",
     localrule: True
+    conda:
+        "../../envs/analysis.yaml"
     shell:
         "printf '%s\\n' {params.cell:q} > {output}.tmp && mv {output}.tmp {output} "
         "&& echo 'wrote {output}' > {log}"
