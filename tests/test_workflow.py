@@ -172,6 +172,24 @@ def test_profiles_use_real_options_and_rules():
     assert "runtime" not in cluster["set-resources"]["train"]  # keeps the rules' attempt-scaled runtime
 
 
+def test_cluster_profile_plans_gpu_jobs(tmp_path):
+    """The Slurm profile's resources reach the jobs (dry run; conda lines dropped: no conda here)."""
+    prof = tmp_path / "cluster"
+    prof.mkdir()
+    text = (REPO / "workflow" / "profiles" / "cluster" / "profile.yaml").read_text()
+    keep = [line for line in text.splitlines() if not line.startswith(("software-deployment-method", "conda-prefix"))]
+    (prof / "profile.yaml").write_text("\n".join(keep) + "\n")
+    p = snakemake("-n", "--profile", prof, "--configfile", REPO / "config" / "paper.yaml", cwd=tmp_path)
+    train = p.stdout[p.stdout.index("rule train:"):]
+    train = train[: train.index("Shell command")] if "Shell command" in train else train[:3000]
+    resources = re.search(r"resources: (.*)", train).group(1)
+    for item in ("slurm_account=my_account", "slurm_partition=gpu", "gpu=1", "cpus_per_gpu=8", "runtime=720", "mem_mb=64000"):
+        assert item in resources, (item, resources)
+    gen = p.stdout[p.stdout.index("rule generate_train:"):]
+    gen_res = re.search(r"resources: (.*)", gen).group(1)
+    assert "slurm_partition=cpu" in gen_res and "gpu=" not in gen_res, gen_res
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end on a tiny grid, in a copy of the repository
 # ---------------------------------------------------------------------------------------------
