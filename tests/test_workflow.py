@@ -311,6 +311,26 @@ def test_editing_model_code_reruns_training(tiny_run):
     assert dry_run_counts(tiny_run) == {}
 
 
+@pytest.mark.workflow
+def test_config_edits_rerun_only_affected_jobs(tiny_run):
+    """Adding a method runs only the new cells; editing `eval` re-evaluates without retraining."""
+    work = tiny_run["work"]
+    cfg = tiny_config()
+    cfg["lengthgen"]["methods"] = TINY_METHODS + ["top4_uniform"]
+    (work / "more.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake("-n", "--configfile", "more.yaml", **tiny_run["run"])
+    counts = job_counts(p.stdout)
+    assert counts == {"cell_config": 2, "train": 2, "evaluate": 2, "aggregate_lengthgen": 1,
+                      "plot_lengthgen": 1, "all": 1}, counts
+    cfg = tiny_config()
+    cfg["lengthgen"]["eval"]["batch_size"] = 4
+    (work / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    p = snakemake("-n", "--configfile", "eval.yaml", **tiny_run["run"])
+    counts = job_counts(p.stdout)
+    n = len(TINY_METHODS) * len(TINY_TASKS)
+    assert counts == {"cell_config": n, "evaluate": n, "aggregate_lengthgen": 1, "plot_lengthgen": 1, "all": 1}, counts
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -14,8 +14,7 @@ rule generate_train:
     output:
         f"{TRAIN_DATA}/manifest.json",
     params:
-        data=cell_data,
-        flags=generate_train_flags,
+        flags=generate_train_flags,  # task parameters, seed, lengths and sizes
         code=code("data", "generate"),
     log:
         f"{LOGS}/data/{{task}}/n{{size}}.log",
@@ -34,7 +33,6 @@ rule generate_test:
     output:
         f"{TEST_DATA}/manifest.json",
     params:
-        data=cell_data,
         flags=generate_test_flags,
         code=code("data", "generate"),
     log:
