@@ -175,9 +175,7 @@ def code(scope, command, *extra):
     try:
         return provenance.code_fingerprint(*parts)
     except FileNotFoundError as e:
-        # A part of the package is not written yet: plan anyway (a dry run), loudly.
-        print(f"warning: code fingerprint of {scope!r}: {e}", file=sys.stderr)
-        return f"incomplete-{scope}"
+        raise WorkflowError(f"code fingerprint of {scope!r} ({command}): {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +187,20 @@ def cell_data(wildcards):
 
 def cell_model(wildcards):
     return LG["model"]
+
+
+def cell_train(wildcards):
+    """The cell's train section; torch threads follow the rule's threads (resources.train)."""
+    return {**LG["train"], "threads": RES["train"]["threads"]}
+
+
+# Keys of the train section that do not change the trained weights (the trainer's resume check
+# ignores them too): editing them rewrites cell.json but does not retrain.
+_OPERATIONAL_TRAIN_KEYS = ("threads", "checkpoint_interval")
+
+
+def cell_train_weights(wildcards):
+    return {k: v for k, v in LG["train"].items() if k not in _OPERATIONAL_TRAIN_KEYS}
 
 
 def cell_eval(wildcards):
@@ -234,7 +246,8 @@ def runtime_of(rule_name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command-line flags of `sparse-mosaics generate` (one --flag per generator parameter)
+# Command-line flags of `sparse-mosaics generate` (one --flag per generator parameter) and
+# `sparse-mosaics aggregate`
 # ---------------------------------------------------------------------------------------------
 def _flags(options):
     parts = []
@@ -268,20 +281,6 @@ def generate_test_flags(wildcards):
             "test_size": d["test_size"],
         }
     )
-
-
-def cell_train(wildcards):
-    """The cell's train section; torch threads follow the rule's threads (resources.train)."""
-    return {**LG["train"], "threads": RES["train"]["threads"]}
-
-
-# Keys of the train section that do not change the trained weights (the trainer's resume check
-# ignores them too): editing them rewrites cell.json but does not retrain.
-_OPERATIONAL_TRAIN_KEYS = ("threads", "checkpoint_interval")
-
-
-def cell_train_weights(wildcards):
-    return {k: v for k, v in LG["train"].items() if k not in _OPERATIONAL_TRAIN_KEYS}
 
 
 def test_length_spec():
