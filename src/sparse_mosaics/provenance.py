@@ -17,11 +17,12 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # What each pipeline step's output depends on, as paths relative to the package. A rule's
 # ``params: code=`` fingerprint hashes only these, so editing figure code reruns only figures.
 CODE_SCOPES = {
-    "data": ["data", "io.py"],
-    "train": ["attention", "model", "data", "train.py", "io.py", "provenance.py"],
-    "evaluate": ["attention", "model", "data", "evaluate.py", "io.py", "provenance.py"],
-    "aggregate": ["tables.py", "io.py"],
-    "figures": ["figures", "io.py"],
+    "generate": ["data", "io.py", "commands/generate.py"],
+    "pack": ["data", "io.py", "commands/pack.py"],
+    "train": ["attention", "model", "data", "train.py", "io.py", "provenance.py", "commands/train.py"],
+    "evaluate": ["attention", "model", "data", "evaluate.py", "io.py", "provenance.py", "commands/evaluate.py"],
+    "aggregate": ["tables.py", "io.py", "commands/aggregate.py"],
+    "figures": ["figures", "io.py", "commands/plot.py"],
 }
 
 

@@ -21,7 +21,7 @@ rule aggregate_lengthgen:
         ),
     params:
         test_lengths=test_length_spec(),
-        code=code("aggregate", "aggregate"),
+        code=code("aggregate"),
     log:
         f"{LOGS}/aggregate/lengthgen.log",
     localrule: True

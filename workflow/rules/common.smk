@@ -4,7 +4,6 @@
 # Kept cheap on purpose: on a cluster this file is re-parsed in every job. No torch, no scan
 # of results/.
 
-import importlib.util
 import json
 import shlex
 import sys
@@ -26,17 +25,7 @@ if str(SRC) not in sys.path:
 from sparse_mosaics import provenance  # noqa: E402  (no torch import)
 
 
-def _load_registry():
-    """sparse_mosaics.attention.registry without importing the attention package (torch)."""
-    path = SRC / "sparse_mosaics" / "attention" / "registry.py"
-    spec = importlib.util.spec_from_file_location("_sparse_mosaics_registry", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
-
-
-registry = _load_registry()
+from sparse_mosaics.attention import registry  # noqa: E402  (torch-free: method names only)
 
 # The command every rule calls: `python -m sparse_mosaics.cli` on the package next to this
 # Snakefile. The path is substituted at run time only; the rules' shell templates (Snakemake's
@@ -168,14 +157,14 @@ def figure_targets():
 # ---------------------------------------------------------------------------------------------
 # Code fingerprints: a rule reruns when (and only when) the package code it runs changes.
 # ---------------------------------------------------------------------------------------------
-def code(scope, command, *extra):
-    """Fingerprint of a CODE_SCOPES scope, the CLI module of the rule's command and ``extra``
-    package paths (e.g. "attention" for Figure 1, which draws the attention weights)."""
-    parts = [*provenance.CODE_SCOPES[scope], f"commands/{command}.py", *extra]
+def code(scope, *extra):
+    """Fingerprint of a provenance.CODE_SCOPES scope (the package files the rule's command
+    uses, its CLI module included) plus ``extra`` package paths (e.g. "attention" for Figure 1,
+    which draws the attention weights)."""
     try:
-        return provenance.code_fingerprint(*parts)
+        return provenance.code_fingerprint(*provenance.CODE_SCOPES[scope], *extra)
     except FileNotFoundError as e:
-        raise WorkflowError(f"code fingerprint of {scope!r} ({command}): {e}") from None
+        raise WorkflowError(f"code fingerprint of {scope!r}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ rule generate_train:
         f"{TRAIN_DATA}/manifest.json",
     params:
         flags=generate_train_flags,  # task parameters, seed, lengths and sizes
-        code=code("data", "generate"),
+        code=code("generate"),
     log:
         f"{LOGS}/data/{{task}}/n{{size}}.log",
     threads: threads_of("data")
@@ -34,7 +34,7 @@ rule generate_test:
         f"{TEST_DATA}/manifest.json",
     params:
         flags=generate_test_flags,
-        code=code("data", "generate"),
+        code=code("generate"),
     log:
         f"{LOGS}/data/{{task}}/test.log",
     threads: threads_of("data")
@@ -54,7 +54,7 @@ rule pack:
     output:
         f"{DATA}/{{dataset}}/packed/packed.json",
     params:
-        code=code("data", "pack"),
+        code=code("pack"),
     log:
         f"{LOGS}/data/{{task}}/{{dataset}}.pack.log",
     threads: threads_of("data")

@@ -12,7 +12,7 @@ rule evaluate:
     output:
         f"{CELL}/metrics.parquet",
     params:
-        code=code("evaluate", "evaluate"),
+        code=code("evaluate"),
     log:
         f"{LOGS}/evaluate/{CELL_ID}.log",
     benchmark:

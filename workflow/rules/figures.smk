@@ -15,7 +15,7 @@ rule plot_lengthgen:
         ),
     params:
         train_lengths=LG["data"]["train_lengths"],
-        code=code("figures", "plot"),
+        code=code("figures"),
     log:
         f"{LOGS}/figures/lengthgen_accuracy.log",
     localrule: True
@@ -37,7 +37,7 @@ rule plot_kernels:
         ),
     params:
         # Figure 1 evaluates the attention weight functions themselves.
-        code=code("figures", "plot", "attention"),
+        code=code("figures", "attention"),
     log:
         f"{LOGS}/figures/kernels.log",
     localrule: True

@@ -46,7 +46,7 @@ rule train:
         data=cell_data,
         model=cell_model,
         train=cell_train_weights,
-        code=code("train", "train"),
+        code=code("train"),
     log:
         f"{LOGS}/train/{CELL_ID}.log",
     benchmark:

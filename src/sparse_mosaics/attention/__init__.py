@@ -10,9 +10,12 @@ rows with empty A_i return 0, and y_i = sum_j p_ij v_j. See :mod:`.registry` for
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from .registry import FAMILIES, PAPER_METHODS, VALID_FORMS, MethodSpec, get_method, is_valid_method
+
+if TYPE_CHECKING:  # torch is imported by the backends; the registry alone stays torch-free
+    import torch
 
 BACKENDS = ("auto", "reference", "triton", "adasplash")
 
