@@ -25,12 +25,13 @@ ATTN_METHODS = ("softmax", "epanechnikov", "biweight", "triweight", "entmax_1.25
 ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"))
 LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
 CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
+         + [("ties", m, 16, 70, 1, None) for m in ("top4_uniform", "top4_softmax")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 
 
 def _case_id(c):
-    return f"{c[1]}-D{c[2]}-T{c[3]}-s{c[4]}-{c[5] or 'nolen'}"
+    return f"{c[0]}-{c[1]}-D{c[2]}-T{c[3]}-s{c[4]}-{c[5] or 'nolen'}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,6 +76,37 @@ def _run_attention(method, D, T, shift, lens):
     return out
 
 
+def _run_ties(method, D, T, shift):
+    """Keys drawn from 5 distinct vectors: exact ties at the K-th score. Exactly min(K, |A_i|)
+    keys are kept: every strictly larger score, then the lowest-index tied keys."""
+    import torch
+
+    from sparse_mosaics.attention.fused import fused_attention
+    from sparse_mosaics.attention.registry import get_method
+
+    spec = get_method(method)
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(1, 1, 5, D, generator=g)
+    k = base[:, :, torch.randint(0, 5, (T,), generator=g)].contiguous()
+    q = torch.randn(1, 1, T, D, generator=g)
+    v = torch.eye(T).view(1, 1, T, T).contiguous()                  # y[i, j] = p_ij
+    p = fused_attention(q, k, v, spec, shift, None)[0, 0]
+    s = (q @ k.transpose(-1, -2))[0, 0]
+    bad = 0
+    for i in range(T):
+        n = i - shift + 1
+        if n <= 0:
+            bad += int(p[i].abs().sum() > 0)
+            continue
+        row = s[i, :n]
+        kth = row.sort(descending=True).values[min(spec.k, n) - 1]
+        want = (row > kth) | ((row == kth) & (torch.cumsum((row == kth).int(), 0)
+                                                <= min(spec.k, n) - int((row > kth).sum())))
+        got = p[i, :n] > 0
+        bad += int(not torch.equal(got, want)) + int((p[i, n:] != 0).any())
+    return {"bad_rows": float(bad)}
+
+
 def _run_leaky(d, T):
     import torch
 
@@ -98,7 +130,12 @@ def _main(path):
     for c in CASES:
         kind, method, D, T, shift, lens = c
         try:
-            r = _run_leaky(D, T) if kind == "leaky" else _run_attention(method, D, T, shift, lens)
+            if kind == "leaky":
+                r = _run_leaky(D, T)
+            elif kind == "ties":
+                r = _run_ties(method, D, T, shift)
+            else:
+                r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
             r = {"error": repr(e)}
         results[_case_id(c)] = r
@@ -129,6 +166,9 @@ def interpreted(tmp_path_factory):
 def test_kernel_matches_reference(interpreted, case):
     r = interpreted[_case_id(case)]
     assert "error" not in r, r.get("error")
+    if case[0] == "ties":
+        assert r["bad_rows"] == 0, r
+        return
     errs = {k: v for k, v in r.items() if k != "empty_max"}
     assert max(errs.values()) < TOL, r
     if "empty_max" in r:

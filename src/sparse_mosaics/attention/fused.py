@@ -71,7 +71,7 @@ FAMILY_CODE = {
 
 LOG2E = 1.4426950408889634
 MAX_NEWTON = 30  # entmax Newton passes at most (typically 3-6)
-MAX_SELECT = 80  # top-K bisection passes at most (terminates exactly long before for finite scores)
+MAX_SELECT = 80  # top-K counting passes per phase at most (both phases end exactly long before)
 
 # Dot precision for fp32 inputs: "tf32x3" (three tf32 tensor-core products, ~fp32 accurate) or
 # "ieee" (exact fp32 FMAs, several times slower). bf16 / fp16 inputs always use the tensor cores.
@@ -348,13 +348,79 @@ def _fwd_kernel(
             mn = tl.minimum(mn, tl.min(tl.where(adm, s, float("inf")), 1))
         n_adm = tl.maximum(last + 1, 0)
         need = n_adm > topk                       # rows that really select
-        # invariant: theta (K-th largest) in [lo, up]; lo, up are scores; clo = #{s >= lo} >= K
-        lo = tl.where(need, mn, 0.0)
-        up = tl.where(need, m, 0.0)
-        clo = n_adm
         thr = tl.full([BLOCK_M], ninf, tl.float32)  # final selection threshold (select s > thr ...)
         jcut = tl.full([BLOCK_M], 2147483647, tl.int32)  # ... or s == thr and j < jcut
+        # phase 1, multi-pivot counting: theta (K-th largest) in (lo, up] with c(t) = #{s > t},
+        # c(lo) >= K > c(up). Each pass counts at 7 interior pivots and keeps the sub-interval
+        # that holds theta (8x narrower). A pivot with exactly K scores above it is a valid
+        # threshold (the row is done); rows whose interval reaches float resolution (ties at
+        # theta) go on to the snapped bisection of phase 2.
+        lo = tl.where(need, mn - (tl.abs(mn) * 2.4e-7 + 1e-30), 0.0)
+        up = tl.where(need, m + (tl.abs(m) * 2.4e-7 + 1e-30), 0.0)
         active = need
+        it = 0
+        go = tl.max(active.to(tl.int32), 0) > 0
+        while go:
+            w = (up - lo) * 0.125
+            p1 = lo + w
+            p2 = lo + 2.0 * w
+            p3 = lo + 3.0 * w
+            p4 = lo + 4.0 * w
+            p5 = lo + 5.0 * w
+            p6 = lo + 6.0 * w
+            p7 = lo + 7.0 * w
+            c1 = tl.zeros([BLOCK_M], tl.int32)
+            c2 = tl.zeros([BLOCK_M], tl.int32)
+            c3 = tl.zeros([BLOCK_M], tl.int32)
+            c4 = tl.zeros([BLOCK_M], tl.int32)
+            c5 = tl.zeros([BLOCK_M], tl.int32)
+            c6 = tl.zeros([BLOCK_M], tl.int32)
+            c7 = tl.zeros([BLOCK_M], tl.int32)
+            for start_n in range(0, n_hi, BLOCK_N):
+                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                s = tl.where(adm, s, ninf)
+                c1 += tl.sum((s > p1[:, None]).to(tl.int32), 1)
+                c2 += tl.sum((s > p2[:, None]).to(tl.int32), 1)
+                c3 += tl.sum((s > p3[:, None]).to(tl.int32), 1)
+                c4 += tl.sum((s > p4[:, None]).to(tl.int32), 1)
+                c5 += tl.sum((s > p5[:, None]).to(tl.int32), 1)
+                c6 += tl.sum((s > p6[:, None]).to(tl.int32), 1)
+                c7 += tl.sum((s > p7[:, None]).to(tl.int32), 1)
+            hit = tl.full([BLOCK_M], ninf, tl.float32)
+            hit = tl.where(c1 == topk, p1, hit)
+            hit = tl.where(c2 == topk, p2, hit)
+            hit = tl.where(c3 == topk, p3, hit)
+            hit = tl.where(c4 == topk, p4, hit)
+            hit = tl.where(c5 == topk, p5, hit)
+            hit = tl.where(c6 == topk, p6, hit)
+            hit = tl.where(c7 == topk, p7, hit)
+            # counts fall with the pivot: the last pivot with c >= K and the first with c < K
+            nlo = tl.where(c1 >= topk, p1, lo)
+            nlo = tl.where(c2 >= topk, p2, nlo)
+            nlo = tl.where(c3 >= topk, p3, nlo)
+            nlo = tl.where(c4 >= topk, p4, nlo)
+            nlo = tl.where(c5 >= topk, p5, nlo)
+            nlo = tl.where(c6 >= topk, p6, nlo)
+            nlo = tl.where(c7 >= topk, p7, nlo)
+            nup = tl.where(c7 < topk, p7, up)
+            nup = tl.where(c6 < topk, p6, nup)
+            nup = tl.where(c5 < topk, p5, nup)
+            nup = tl.where(c4 < topk, p4, nup)
+            nup = tl.where(c3 < topk, p3, nup)
+            nup = tl.where(c2 < topk, p2, nup)
+            nup = tl.where(c1 < topk, p1, nup)
+            done = active & (hit > ninf)
+            thr = tl.where(done, hit, thr)
+            lo = tl.where(active, nlo, lo)
+            up = tl.where(active, nup, up)
+            fine = (up - lo) <= (tl.abs(lo) + tl.abs(up)) * 1e-6 + 1e-30
+            active = active & (~done) & (~fine)
+            it += 1
+            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+        # phase 2 (rare: ties at theta, or a bracket too narrow for pivots): bisection snapped
+        # to actual scores, invariant theta in [lo, up], clo = #{s >= lo} >= K
+        clo = n_adm
+        active = need & (thr == ninf)
         it = 0
         go = tl.max(active.to(tl.int32), 0) > 0
         while go:
@@ -375,7 +441,7 @@ def _fwd_kernel(
             bsafe = tl.where(bmax > ninf, bmax, amin)
             asafe = tl.where(amin < float("inf"), amin, bsafe)
             half = asafe * 0.5 + bsafe * 0.5
-            half = tl.where(half > bsafe, half, asafe)
+            half = tl.where(half < asafe, half, bsafe)  # s > half keeps asafe, drops bsafe
             thr = tl.where(exact, half, thr)
             lo_new = tl.where(ok, amin, lo)
             clo = tl.where(active & ok, cnt, clo)
@@ -410,11 +476,17 @@ def _fwd_kernel(
                 tact = tact & (jhi - jlo > 1)
                 tgo = tl.max(tact.to(tl.int32), 0) > 0
             jcut = tl.where(tie, jhi, jcut)
-        # output pass over the selected keys
+        # output pass over the selected keys; it also finds the K-th and (K+1)-th largest scores
+        # around thr, so the saved threshold is their midpoint (robust to recomputation)
         l = tl.zeros([BLOCK_M], tl.float32)
+        kth = tl.full([BLOCK_M], float("inf"), tl.float32)
+        k1th = tl.full([BLOCK_M], ninf, tl.float32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            sel = adm & ((s > thr[:, None]) | ((s == thr[:, None]) & (offs_n[None, :] < jcut[:, None])))
+            above = adm & (s > thr[:, None])
+            kth = tl.minimum(kth, tl.min(tl.where(above, s, float("inf")), 1))
+            k1th = tl.maximum(k1th, tl.max(tl.where(adm & (~above), s, ninf), 1))
+            sel = above | (adm & (s == thr[:, None]) & (offs_n[None, :] < jcut[:, None]))
             if FAMILY == 2:
                 p = tl.where(sel, tl.exp2((s - m[:, None]) * 1.4426950408889634), 0.0)
             else:
@@ -429,6 +501,9 @@ def _fwd_kernel(
         else:
             stat0 = l_safe
         tl.store(ST + st_row, stat0, mask=row_ok)
+        half = kth * 0.5 + k1th * 0.5
+        half = tl.where(half < kth, half, k1th)   # s > half keeps kth, drops k1th
+        thr = tl.where(need & (~tie) & (k1th > ninf) & (kth < float("inf")), half, thr)
         tl.store(ST + BH * T + st_row, thr, mask=row_ok)
         tl.store(IS + st_row, jcut, mask=row_ok)
 
@@ -737,6 +812,9 @@ def sdpa_softmax(q, k, v, shift: int = 1) -> torch.Tensor:
     return F.pad(y, (0, 0, shift, 0))
 
 
+# torch.compile runs the kernels as they are (Inductor's re-wrapping of user Triton kernels inside
+# an autograd.Function fails on them); the rest of a compiled model is still fused around them.
+@torch.compiler.disable
 def fused_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> torch.Tensor:
     """The Triton kernels for any family (softmax included: the lengths-capable online kernel)."""
     B, H, T, D = q.shape

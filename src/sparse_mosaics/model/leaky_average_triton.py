@@ -142,6 +142,9 @@ class _LeakyAverage(torch.autograd.Function):
         return gx, glam
 
 
+# torch.compile runs the kernels as they are (Inductor's re-wrapping of user Triton kernels inside
+# an autograd.Function fails on them); the rest of a compiled model is still fused around them.
+@torch.compiler.disable
 def leaky_average_triton(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """y_t = sum_{i <= t} exp(-lam_h (t - i)) x_i per head (Triton scan, fp32 inside).
 

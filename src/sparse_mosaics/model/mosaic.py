@@ -270,14 +270,17 @@ class PersistentMemory(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         q = self.key(x) * _exp_beta(_f32(self.kernel_beta)) ** 2         # (B, H, T, d) fp32
-        q = q.to(x.dtype)
+        # The slots are shared by every position, so the batch folds into the query axis: one
+        # (1, H, B*T, d) x (1, H, P, d) attention, whose dM_k, dM_v come out directly instead of
+        # as a (B, H, P, d) gradient of an expanded memory summed over B (same function).
+        d = q.size(-1)
+        q = q.to(x.dtype).transpose(0, 1).reshape(1, self.n_head, B * T, d)
         p = self.ic_dropout if self.training else 0.0
         y = 0
         for M_k, M_v in zip(self.M_k, self.M_v):
-            y = y + F.scaled_dot_product_attention(
-                q, M_k.expand(B, -1, -1, -1), M_v.expand(B, -1, -1, -1), dropout_p=p, scale=1.0
-            )                                                             # (B, H, T, d)
-        y = y / len(self.M_k)
+            y = y + F.scaled_dot_product_attention(q, M_k.to(q.dtype), M_v.to(q.dtype), dropout_p=p,
+                                                   scale=1.0)            # (1, H, B*T, d)
+        y = (y / len(self.M_k)).view(self.n_head, B, T, d).transpose(0, 1)   # (B, H, T, d)
         scale = torch.clamp(torch.exp(self.value_beta * EXP_SCALE), max=BETA_MAX_EXP).view(1, -1, 1, 1)
         y = (y * scale.to(y.dtype)).transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))

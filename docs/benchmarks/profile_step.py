@@ -1,0 +1,93 @@
+"""Where does a training step's time go? One GPU run: eager vs compiled, attention input dtype,
+and the top CUDA kernels of one step (torch.profiler).
+
+usage: python docs/benchmarks/profile_step.py [methods ...]
+"""
+
+import sys
+import time
+
+import torch
+
+from sparse_mosaics.bench import ICLL, LENGTHGEN, _model
+
+
+def step_fn(model, fwd, batch, T, amp):
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    V = model.config.vocab_size
+    idx = torch.randint(0, V, (batch, T), device="cuda")
+    tgt = torch.randint(0, V, (batch, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            _, loss = fwd(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step, n=15):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        a.record()
+        step()
+        b.record()
+        cpu = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        times.append((a.elapsed_time(b), cpu * 1e3))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def run(cell, method, variant, profile=False):
+    torch.manual_seed(0)
+    cfg, batch, T, amp = (LENGTHGEN, 256, 130, True) if cell == "lengthgen" else (ICLL, 32, 948, False)
+    model = _model(cfg, method)
+    model.train()
+    fwd = model
+    t0 = time.perf_counter()
+    if "compile" in variant:
+        fwd = torch.compile(model)
+    step = step_fn(model, fwd, batch, T, amp)
+    try:
+        gpu_ms, cpu_ms = timed(step)
+    except Exception as e:  # noqa: BLE001
+        print(f"{cell} {method:14s} {variant:18s} ERROR {repr(e)[:300]}", flush=True)
+        return
+    print(f"{cell} {method:14s} {variant:18s} step {gpu_ms:7.2f} ms (cpu issue {cpu_ms:7.2f} ms) "
+          f"setup {time.perf_counter() - t0:5.1f} s  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+          flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70),
+              flush=True)
+    torch.cuda.reset_peak_memory_stats()
+
+
+def main():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    methods = sys.argv[1:] or ["softmax", "biweight"]
+    for method in methods:
+        run("lengthgen", method, "eager", profile=True)
+    for method in methods:
+        run("lengthgen", method, "compile")
+    for method in methods:
+        run("icll", method, "eager", profile=method == methods[0])
+        run("icll", method, "compile")
+
+
+if __name__ == "__main__":
+    main()
