@@ -79,6 +79,9 @@ def test_validate_fills_defaults():
         (lambda c: c["train"].update(batchsize=8), "train.batchsize"),
         (lambda c: c["train"].update(beta2=1.0), "train.beta2"),
         (lambda c: c["train"].update(dtype="float16"), "train.dtype"),
+        (lambda c: c["train"].update(compile=3), "train.compile"),
+        (lambda c: c["train"].update(compile=""), "train.compile"),
+        (lambda c: c["train"].update(compile="no_such_backend"), "train.compile"),
         (lambda c: c["train"].update(max_iters=2.5), "train.max_iters"),
         (lambda c: c["model"].update(n_layers=2), "model.n_layers"),
         (lambda c: c["model"].update(vocab_size=10), "model.vocab_size"),
@@ -289,3 +292,88 @@ def test_loss_decreases(tmp_path_factory):
     curve = pd.read_parquet(run / "curve.parquet")
     assert curve["loss"].iloc[-1] < 0.75 * curve["loss"].iloc[0]
     assert summary["final_loss"] < math.log(4)
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+def test_compile_values():
+    assert validate_cell(make_cell())["train"]["compile"] is False
+    for value in (True, False, "aot_eager", "inductor"):
+        assert validate_cell(make_cell(compile=value))["train"]["compile"] == value
+    with pytest.raises(CommandError, match=r"'train.compile': unknown torch.compile backend 'inductr' \(available: .*aot_eager"):
+        validate_cell(make_cell(compile="inductr"))
+    with pytest.raises(CommandError, match=r"'train.compile': must be false, true .* got 1"):
+        validate_cell(make_cell(compile=1))
+
+
+def test_compiled_training_matches_eager_and_resumes(tmp_path, copy_data):
+    """compile: "aot_eager" (a real torch.compile backend that needs no C compiler) trains the same
+    model, writes the same outputs with plain state-dict keys, and resumes (from a compiled or an
+    eager checkpoint)."""
+    from sparse_mosaics.evaluate import load_trained_model
+
+    kw = dict(max_iters=9, checkpoint_interval=4, log_interval=2)
+    eager, comp = tmp_path / "eager", tmp_path / "comp"
+    train_cell(validate_cell(make_cell(**kw)), copy_data, eager, quiet=True)
+    cell = validate_cell(make_cell(compile="aot_eager", **kw))
+    summary = train_cell(cell, copy_data, comp, quiet=True)
+    assert summary["compile"] == "aot_eager" and summary["steps"] == 9
+    assert "torch.compile on (backend aot_eager)" in (comp / "train.log").read_text()
+    assert sorted(p.name for p in comp.iterdir()) == sorted(p.name for p in eager.iterdir())
+
+    a, b = _state(eager / "model.pt"), _state(comp / "model.pt")
+    assert list(a) == list(b) and not any("_orig_mod" in k for k in b)
+    assert not any("_orig_mod" in k for k in _state(comp / "checkpoint.pt"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+    ca, cb = pd.read_parquet(eager / "curve.parquet"), pd.read_parquet(comp / "curve.parquet")
+    assert cb["step"].tolist() == ca["step"].tolist()
+    np.testing.assert_allclose(cb["loss"], ca["loss"], rtol=1e-4)
+    model, _ = load_trained_model(comp / "model.pt", torch.device("cpu"), cell)   # evaluation loads it
+    assert sum(p.numel() for p in model.parameters()) == summary["n_params"]
+
+    for first in (cell, validate_cell(make_cell(**kw))):  # killed at step 6 (checkpoint at 4), compiled or eager
+        cut = tmp_path / f"cut_{first['train']['compile']}"
+        assert train_cell(first, copy_data, cut, stop_after=6, quiet=True) == {"stopped_at": 6}
+        train_cell(cell, copy_data, cut, quiet=True)                                # resumed compiled
+        assert "resumed from" in (cut / "train.log").read_text()
+        c = _state(cut / "model.pt")
+        assert list(c) == list(b)
+        for k in b:
+            torch.testing.assert_close(c[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_failing_compile_backend_names_the_key(tmp_path, copy_data):
+    import torch._dynamo
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("this backend always fails")
+
+    if "sparse_mosaics_test_failing_backend" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(failing, name="sparse_mosaics_test_failing_backend")
+    cell = validate_cell(make_cell(max_iters=2, compile="sparse_mosaics_test_failing_backend"))
+    with pytest.raises(CommandError, match=r"train.compile: .*sparse_mosaics_test_failing_backend.*always fails"):
+        train_cell(cell, copy_data, tmp_path / "c", quiet=True)
+    assert not (tmp_path / "c" / "model.pt").exists()
+
+
+def test_bench_train_times_eager_and_compiled(monkeypatch):
+    """bench --compile: the train section has an eager and a compiled row per method (no GPU needed
+    for the bookkeeping: the timed step is stubbed)."""
+    from sparse_mosaics import bench
+
+    calls = []
+
+    def fake_step(cell, method, batch, T, amp, steps=15, backend="auto", compile_model=False):
+        calls.append((cell, method, backend, compile_model))
+        return dict(section="train", impl=f"model_{backend}" + ("_compile" if compile_model else ""),
+                    method=method, cell=cell, B=batch, T=T, step_ms=1.0, peak_gib=0.0)
+
+    monkeypatch.setattr(bench, "time_train_step", fake_step)
+    rows = bench.run_train(quick=True, log=lambda s: None, compile_model=True)
+    assert [(c[1], c[3]) for c in calls] == [(m, comp) for m in bench.METHODS for comp in (False, True)]
+    assert {r["impl"] for r in rows} == {"model_auto", "model_auto_compile"}
+    calls.clear()
+    bench.run_train(quick=True, log=lambda s: None)
+    assert [c[3] for c in calls] == [False] * len(bench.METHODS)

@@ -127,6 +127,7 @@ def _write_config(path, mutate):
         (lambda c: c["lengthgen"].update(tasks=["copy", "count"]), r"count"),
         (lambda c: c["lengthgen"]["model"].update(n_head=5), r"n_embd \(32\) must be divisible by n_head \(5\)"),
         (lambda c: c["lengthgen"]["data"].update(train_lengths=[16, 8]), r"train_lengths: min 16 > max 8"),
+        (lambda c: c["lengthgen"]["train"].update(compile=3), r"compile"),
         (lambda c: c["lengthgen"].update(sizes={"copy": [100]}), r"lengthgen.sizes: no entry for task 'reverse'"),
         (lambda c: c.update(name="a/b"), r"name"),
     ],

@@ -17,7 +17,9 @@ bench.csv / bench.parquet):
              adasplash_v2 (alpha 1.5), adasplash_no_block_mask (niter 5), and ours per method.
 * long    -- the same at T in {16384, 65536}, B=1, H=8, D=64 (ours and SDPA).
 * train   -- one AdamW training step of the length-generalisation cell (GPU.md table B) and of
-             the ICLL cell (table A, T = 512 and 948) per method, with the project's MemoryMosaic.
+             the ICLL cell (table A, T = 512 and 948) per method, with the project's MemoryMosaic;
+             with ``compile_model`` each step is timed eager (impl ``model_auto``) and with
+             torch.compile's default Inductor backend (impl ``model_auto_compile``) side by side.
 * eval    -- long-context evaluation forward of the length-generalisation model, batch 8,
              T in {1026, 2050, 4096, 8192, 16384}, per method.
 
@@ -307,6 +309,10 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
         model = _model(LENGTHGEN if cell == "lengthgen" else ICLL, method, backend)
         model.train()
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+        if compile_model:
+            # a fresh dynamo cache per model: otherwise the recompile limit (8 per code object) is
+            # reached after a few methods and later "compiled" rows silently run eagerly
+            torch._dynamo.reset()
         fwd = torch.compile(model) if compile_model else model
         V = model.config.vocab_size
         idx = torch.randint(0, V, (batch, T), device="cuda")
@@ -343,7 +349,9 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
 
 
 def run_train(quick=False, budget=None, log=print, compile_model=False, reference_model=False):
+    """Training-step rows per cell x method x backend; ``compile_model``: eager and compiled rows both."""
     rows = []
+    compiled = (False, True) if compile_model else (False,)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     cells = [("lengthgen", 256, 130, True), ("icll", 32, 512, False), ("icll", 32, 948, False)]
     if quick:
@@ -354,14 +362,15 @@ def run_train(quick=False, budget=None, log=print, compile_model=False, referenc
         torch.backends.cudnn.allow_tf32 = True
         for method in methods:
             for backend in ("auto",) + (("reference",) if reference_model else ()):
-                if budget is not None and budget.out():
-                    torch.backends.cuda.matmul.allow_tf32 = tf32
-                    return rows
-                r = time_train_step(cell, method, batch, T, amp, backend=backend, compile_model=compile_model)
-                rows.append(r)
-                log(f"train {cell:9s} T{T} {r['impl']:16s} {method:14s}: "
-                    + (f"{r['step_ms']:8.2f} ms/step  peak {r['peak_gib']:.2f} GiB" if "step_ms" in r
-                       else f"ERROR {r.get('error', '')[:150]}"))
+                for comp in compiled:
+                    if budget is not None and budget.out():
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
+                        return rows
+                    r = time_train_step(cell, method, batch, T, amp, backend=backend, compile_model=comp)
+                    rows.append(r)
+                    log(f"train {cell:9s} T{T} {r['impl']:22s} {method:14s}: "
+                        + (f"{r['step_ms']:8.2f} ms/step  peak {r['peak_gib']:.2f} GiB" if "step_ms" in r
+                           else f"ERROR {r.get('error', '')[:150]}"))
     torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
 

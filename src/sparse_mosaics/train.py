@@ -10,6 +10,10 @@ The loop is nanoGPT's (SPEC.md §3c, "Training loop"), made resumable and bit-fo
 - loss = masked cross-entropy on the target tokens and ``<eos>`` (SPEC.md §2.13), batches built by
   :func:`sparse_mosaics.data.make_batch`;
 - bf16 autocast on CUDA, fp32 on CPU (``train.dtype = "auto"``);
+- optionally ``torch.compile`` of the model's forward for the training loop (``train.compile``:
+  false, true = the default Inductor backend, or a backend name such as "aot_eager"); the Triton
+  kernels are ``torch.compiler.disable``-d, so the graph breaks around them. Checkpoints and
+  ``model.pt`` hold the uncompiled module's state dict, so resume and evaluation are unaffected;
 - seeded: ``torch.manual_seed(seed)`` before the model is built; the data order is a pure function
   of (seed, epoch) (:class:`DataOrder`); dropout draws from the global torch RNG, whose state is
   saved in every checkpoint.
@@ -79,6 +83,9 @@ TRAIN_DEFAULTS = {
     "log_interval": 100,
     "eval_interval": 1000,
     "dtype": "auto",
+    # torch.compile the forward of the training loop: false (eager), true (the default Inductor
+    # backend) or the name of a torch.compile backend ("inductor", "aot_eager", ...).
+    "compile": False,
     "threads": 1,
 }
 
@@ -99,7 +106,8 @@ TOP_LEVEL_OPTIONAL = ("data", "eval", "code_fingerprint")
 DTYPES = ("auto", "float32", "bfloat16")
 
 # Keys that do not change what is computed: a checkpoint written with other values still resumes.
-_RESUME_IGNORED_TRAIN_KEYS = ("threads", "checkpoint_interval", "eval_interval")
+# (compile: the same model and loss, only fused differently, so float rounding may differ.)
+_RESUME_IGNORED_TRAIN_KEYS = ("threads", "checkpoint_interval", "eval_interval", "compile")
 
 
 def _cfg_error(source, key, msg):
@@ -117,6 +125,30 @@ def _check_number(source, key, value, *, integer=False, minimum=None, strictly=F
         raise _cfg_error(source, key, f"must be finite, got {value!r}")
     if minimum is not None and (value <= minimum if strictly else value < minimum):
         raise _cfg_error(source, key, f"must be {'>' if strictly else '>='} {minimum}, got {value!r}")
+
+
+def compile_backends() -> list[str]:
+    """Names torch.compile accepts as ``backend=`` (torch._dynamo.list_backends, all tags)."""
+    import torch._dynamo
+
+    return sorted(torch._dynamo.list_backends(exclude_tags=()))
+
+
+def compile_backend(value) -> str | None:
+    """The torch.compile backend of a (validated) ``train.compile`` value; None = eager."""
+    if value is False:
+        return None
+    return "inductor" if value is True else value
+
+
+def _check_compile(source, key, value) -> None:
+    if not isinstance(value, (bool, str)) or value == "":
+        raise _cfg_error(source, key, "must be false, true (torch.compile's default Inductor backend) or the name "
+                                      f"of a torch.compile backend such as \"aot_eager\", got {value!r}")
+    if isinstance(value, str):
+        backends = compile_backends()
+        if value not in backends:
+            raise _cfg_error(source, key, f"unknown torch.compile backend {value!r} (available: {', '.join(backends)})")
 
 
 def model_config_fields() -> set | None:
@@ -208,6 +240,7 @@ def validate_cell(cell, source="cell config") -> dict:
         _check_number(source, t(key), train[key], integer=True, minimum=1)
     if train["dtype"] not in DTYPES:
         raise _cfg_error(source, t("dtype"), f"must be one of {', '.join(DTYPES)}, got {train['dtype']!r}")
+    _check_compile(source, t("compile"), train["compile"])
 
     # the task's generator parameters and the full model config must be constructible
     try:
@@ -258,8 +291,8 @@ def load_cell(path) -> dict:
 def resume_digest(cell: dict) -> str:
     """Digest of the parts of the cell that determine the trained weights.
 
-    Operational keys (threads, checkpoint_interval, eval_interval) and the eval section are left out,
-    so changing them does not invalidate a checkpoint.
+    Operational keys (threads, checkpoint_interval, eval_interval, compile) and the eval section are
+    left out, so changing them does not invalidate a checkpoint.
     """
     from .provenance import config_digest
 
@@ -459,6 +492,21 @@ def model_forward(model, batch: dict):
     return model(batch["x"], targets=batch["y"], loss_mask=batch["loss_mask"], lengths=batch["lengths"])
 
 
+def _compiled_forward(fwd, batch: dict, backend: str | None):
+    """model_forward(fwd, batch); a torch.compile backend failure becomes a CommandError naming train.compile."""
+    if backend is None:
+        return model_forward(fwd, batch)
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    try:
+        return model_forward(fwd, batch)
+    except BackendCompilerFailed as e:
+        why = " ".join(line.strip() for line in str(e).splitlines()
+                       if line.strip() and not line.startswith("Set TORCHDYNAMO_VERBOSE"))[:500]
+        raise CommandError(f"train.compile: torch.compile backend {backend!r} failed ({why}); "
+                           "set train.compile: false to train eagerly") from None
+
+
 def open_split(folder, split: str, cell: dict, vocab: dict, flag: str = "--data"):
     """PackedSplit(folder, split), checked against the cell's task and token layout."""
     from .data import PackedSplit
@@ -622,6 +670,10 @@ def train_cell(
             )
             if n != cell["size"]:
                 log(f"warning: the data folder has {n} training examples, the cell's size is {cell['size']}")
+        backend = compile_backend(tc["compile"])
+        if backend is not None:
+            log(f"torch.compile on (backend {backend}): the first steps, and any new batch shape, compile first "
+                f"(tens of seconds on a GPU)")
         if log.bar is not None:
             log.bar.n = state.step
             log.bar.refresh()
@@ -648,6 +700,8 @@ def train_cell(
             )
 
         model.train()
+        # The loop calls fwd; checkpoints and model.pt save model (no "_orig_mod." key prefixes).
+        fwd = model if backend is None else torch.compile(model, backend=backend)
         ctx = autocast_context(dev, tc["dtype"])
         pending = []  # (step, loss tensor): checked for NaN/Inf at each flush (one sync per flush)
 
@@ -675,7 +729,7 @@ def train_cell(
             n_tok = int(batch["lengths"].sum())
             batch = batch_to_device(batch, dev)
             with ctx:
-                _, loss = model_forward(model, batch)
+                _, loss = _compiled_forward(fwd, batch, backend)
             loss.backward()
             if tc["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc["grad_clip"])
@@ -737,6 +791,7 @@ def train_cell(
             "final_loss": final_loss,
             "device": str(dev),
             "dtype": tc["dtype"],
+            "compile": tc["compile"],
             "threads": int(tc["threads"]),
             "config_digest": config_digest(cell),
             "code_fingerprint": code_fp,

@@ -184,8 +184,9 @@ def cell_train(wildcards):
 
 
 # Keys of the train section that do not change the trained weights (the trainer's resume check
-# ignores them too): editing them rewrites cell.json but does not retrain.
-_OPERATIONAL_TRAIN_KEYS = ("threads", "checkpoint_interval")
+# ignores them too): editing them rewrites cell.json but does not retrain. (compile changes only
+# how the same model is executed: fused kernels round differently, the model and loss are the same.)
+_OPERATIONAL_TRAIN_KEYS = ("threads", "checkpoint_interval", "compile")
 
 
 def cell_train_weights(wildcards):

@@ -3,7 +3,8 @@
 Needs a CUDA GPU. Sections (``--sections``, default all): check (every implementation against the
 reference backend on fresh random inputs), kernels (GPU.md's anchor shapes, side by side with SDPA
 and adasplash), long (T up to 65,536), train (training step of the length-generalisation and ICLL
-cells per method), eval (long-context evaluation forward per method). Prints the results as
+cells per method; with ``--compile`` each step eager and torch.compile-d side by side), eval
+(long-context evaluation forward per method). Prints the results as
 markdown tables; with ``--out DIR`` writes DIR/bench.csv, DIR/bench.parquet and DIR/bench.md.
 See :mod:`sparse_mosaics.bench`.
 """
@@ -22,7 +23,9 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--budget", type=float, default=1e9,
                         help="stop starting new measurements after this many seconds (rows so far are kept)")
-    parser.add_argument("--compile", action="store_true", help="time the training step with torch.compile too")
+    parser.add_argument("--compile", action="store_true",
+                        help="train section: time each training step twice, eager and with torch.compile "
+                             "(default Inductor backend; compiling adds tens of seconds per method)")
     parser.add_argument("--reference-model", action="store_true",
                         help="also time the training step with attention_backend='reference' (materialised)")
 
