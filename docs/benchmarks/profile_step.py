@@ -53,8 +53,10 @@ def run(cell, method, variant, profile=False):
     model.train()
     fwd = model
     t0 = time.perf_counter()
-    if "compile" in variant:
+    if variant == "compile":
         fwd = torch.compile(model)
+    elif variant == "compile-ro":  # CUDA graphs for the compiled regions
+        fwd = torch.compile(model, mode="reduce-overhead")
     step = step_fn(model, fwd, batch, T, amp)
     try:
         gpu_ms, cpu_ms = timed(step)
@@ -80,13 +82,12 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     methods = sys.argv[1:] or ["softmax", "biweight"]
-    for method in methods:
-        run("lengthgen", method, "eager", profile=True)
-    for method in methods:
-        run("lengthgen", method, "compile")
-    for method in methods:
-        run("icll", method, "eager", profile=method == methods[0])
-        run("icll", method, "compile")
+    for i, method in enumerate(methods):
+        for variant in ("eager", "compile", "compile-ro"):
+            run("lengthgen", method, variant, profile=i == 0 and variant == "eager")
+    for i, method in enumerate(methods):
+        for variant in ("eager", "compile", "compile-ro"):
+            run("icll", method, variant, profile=i == 0 and variant == "compile")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import torch
 from sparse_mosaics.attention import fused, get_method
 from sparse_mosaics.bench import _bench_ms, make_inputs
 
-FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
-BWD = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)]
+FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
+BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 1)]
 
 
 def main(methods):
