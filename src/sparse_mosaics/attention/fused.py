@@ -357,66 +357,67 @@ def _fwd_kernel(
         # theta) go on to the snapped bisection of phase 2.
         lo = tl.where(need, mn - (tl.abs(mn) * 2.4e-7 + 1e-30), 0.0)
         up = tl.where(need, m + (tl.abs(m) * 2.4e-7 + 1e-30), 0.0)
-        active = need
-        it = 0
-        go = tl.max(active.to(tl.int32), 0) > 0
-        while go:
-            w = (up - lo) * 0.125
-            p1 = lo + w
-            p2 = lo + 2.0 * w
-            p3 = lo + 3.0 * w
-            p4 = lo + 4.0 * w
-            p5 = lo + 5.0 * w
-            p6 = lo + 6.0 * w
-            p7 = lo + 7.0 * w
-            c1 = tl.zeros([BLOCK_M], tl.int32)
-            c2 = tl.zeros([BLOCK_M], tl.int32)
-            c3 = tl.zeros([BLOCK_M], tl.int32)
-            c4 = tl.zeros([BLOCK_M], tl.int32)
-            c5 = tl.zeros([BLOCK_M], tl.int32)
-            c6 = tl.zeros([BLOCK_M], tl.int32)
-            c7 = tl.zeros([BLOCK_M], tl.int32)
-            for start_n in range(0, n_hi, BLOCK_N):
-                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                s = tl.where(adm, s, ninf)
-                c1 += tl.sum((s > p1[:, None]).to(tl.int32), 1)
-                c2 += tl.sum((s > p2[:, None]).to(tl.int32), 1)
-                c3 += tl.sum((s > p3[:, None]).to(tl.int32), 1)
-                c4 += tl.sum((s > p4[:, None]).to(tl.int32), 1)
-                c5 += tl.sum((s > p5[:, None]).to(tl.int32), 1)
-                c6 += tl.sum((s > p6[:, None]).to(tl.int32), 1)
-                c7 += tl.sum((s > p7[:, None]).to(tl.int32), 1)
-            hit = tl.full([BLOCK_M], ninf, tl.float32)
-            hit = tl.where(c1 == topk, p1, hit)
-            hit = tl.where(c2 == topk, p2, hit)
-            hit = tl.where(c3 == topk, p3, hit)
-            hit = tl.where(c4 == topk, p4, hit)
-            hit = tl.where(c5 == topk, p5, hit)
-            hit = tl.where(c6 == topk, p6, hit)
-            hit = tl.where(c7 == topk, p7, hit)
-            # counts fall with the pivot: the last pivot with c >= K and the first with c < K
-            nlo = tl.where(c1 >= topk, p1, lo)
-            nlo = tl.where(c2 >= topk, p2, nlo)
-            nlo = tl.where(c3 >= topk, p3, nlo)
-            nlo = tl.where(c4 >= topk, p4, nlo)
-            nlo = tl.where(c5 >= topk, p5, nlo)
-            nlo = tl.where(c6 >= topk, p6, nlo)
-            nlo = tl.where(c7 >= topk, p7, nlo)
-            nup = tl.where(c7 < topk, p7, up)
-            nup = tl.where(c6 < topk, p6, nup)
-            nup = tl.where(c5 < topk, p5, nup)
-            nup = tl.where(c4 < topk, p4, nup)
-            nup = tl.where(c3 < topk, p3, nup)
-            nup = tl.where(c2 < topk, p2, nup)
-            nup = tl.where(c1 < topk, p1, nup)
-            done = active & (hit > ninf)
-            thr = tl.where(done, hit, thr)
-            lo = tl.where(active, nlo, lo)
-            up = tl.where(active, nup, up)
-            fine = (up - lo) <= (tl.abs(lo) + tl.abs(up)) * 1e-6 + 1e-30
-            active = active & (~done) & (~fine)
-            it += 1
-            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+        if tl.max(need.to(tl.int32), 0) > 0:
+            active = need
+            it = 0
+            go = tl.max(active.to(tl.int32), 0) > 0
+            while go:
+                w = (up - lo) * 0.125
+                p1 = lo + w
+                p2 = lo + 2.0 * w
+                p3 = lo + 3.0 * w
+                p4 = lo + 4.0 * w
+                p5 = lo + 5.0 * w
+                p6 = lo + 6.0 * w
+                p7 = lo + 7.0 * w
+                c1 = tl.zeros([BLOCK_M], tl.int32)
+                c2 = tl.zeros([BLOCK_M], tl.int32)
+                c3 = tl.zeros([BLOCK_M], tl.int32)
+                c4 = tl.zeros([BLOCK_M], tl.int32)
+                c5 = tl.zeros([BLOCK_M], tl.int32)
+                c6 = tl.zeros([BLOCK_M], tl.int32)
+                c7 = tl.zeros([BLOCK_M], tl.int32)
+                for start_n in range(0, n_hi, BLOCK_N):
+                    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                    s = tl.where(adm, s, ninf)
+                    c1 += tl.sum((s > p1[:, None]).to(tl.int32), 1)
+                    c2 += tl.sum((s > p2[:, None]).to(tl.int32), 1)
+                    c3 += tl.sum((s > p3[:, None]).to(tl.int32), 1)
+                    c4 += tl.sum((s > p4[:, None]).to(tl.int32), 1)
+                    c5 += tl.sum((s > p5[:, None]).to(tl.int32), 1)
+                    c6 += tl.sum((s > p6[:, None]).to(tl.int32), 1)
+                    c7 += tl.sum((s > p7[:, None]).to(tl.int32), 1)
+                hit = tl.full([BLOCK_M], ninf, tl.float32)
+                hit = tl.where(c1 == topk, p1, hit)
+                hit = tl.where(c2 == topk, p2, hit)
+                hit = tl.where(c3 == topk, p3, hit)
+                hit = tl.where(c4 == topk, p4, hit)
+                hit = tl.where(c5 == topk, p5, hit)
+                hit = tl.where(c6 == topk, p6, hit)
+                hit = tl.where(c7 == topk, p7, hit)
+                # counts fall with the pivot: the last pivot with c >= K and the first with c < K
+                nlo = tl.where(c1 >= topk, p1, lo)
+                nlo = tl.where(c2 >= topk, p2, nlo)
+                nlo = tl.where(c3 >= topk, p3, nlo)
+                nlo = tl.where(c4 >= topk, p4, nlo)
+                nlo = tl.where(c5 >= topk, p5, nlo)
+                nlo = tl.where(c6 >= topk, p6, nlo)
+                nlo = tl.where(c7 >= topk, p7, nlo)
+                nup = tl.where(c7 < topk, p7, up)
+                nup = tl.where(c6 < topk, p6, nup)
+                nup = tl.where(c5 < topk, p5, nup)
+                nup = tl.where(c4 < topk, p4, nup)
+                nup = tl.where(c3 < topk, p3, nup)
+                nup = tl.where(c2 < topk, p2, nup)
+                nup = tl.where(c1 < topk, p1, nup)
+                done = active & (hit > ninf)
+                thr = tl.where(done, hit, thr)
+                lo = tl.where(active, nlo, lo)
+                up = tl.where(active, nup, up)
+                fine = (up - lo) <= (tl.abs(lo) + tl.abs(up)) * 1e-6 + 1e-30
+                active = active & (~done) & (~fine)
+                it += 1
+                go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
         # phase 2 (rare: ties at theta, or a bracket too narrow for pivots): bisection snapped
         # to actual scores, invariant theta in [lo, up], clo = #{s >= lo} >= K
         clo = n_adm

@@ -1,0 +1,77 @@
+"""Compile every fused attention kernel for an sm_90 target without a GPU (developer tool).
+
+    PYTHONPATH=src python docs/benchmarks/compile_check.py
+
+Runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for each family, forward
+(with and without the backward statistics) and both backward kernels, at the default block sizes.
+Point PYTHONPATH at another Triton to catch compiler crashes of the GPU machine's version (the
+interpreter used by the CPU tests does not run these passes).
+"""
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from sparse_mosaics.attention import fused
+
+PTRS_F32 = {"O2", "OF", "ST", "RC"}
+PTRS_I32 = {"IS", "LENS"}
+INTS = {"T", "H", "BH", "shift", "topk"}
+
+
+def signature(fn, dtype, consts):
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in PTRS_F32:
+            sig[n] = "*fp32"
+        elif n in PTRS_I32:
+            sig[n] = "*i32"
+        elif n in INTS:
+            sig[n] = "i32"
+        elif n in ("a_scale", "n_exp", "inv_n", "two_m_alpha"):
+            sig[n] = "fp32"
+        else:
+            sig[n] = "*" + dtype
+    return sig
+
+
+def compile_one(fn, dtype, consts, cfg):
+    _, _, warps, stages = cfg
+    src = ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def main():
+    fails = 0
+    fams = {"softmax": (0, 1), "entmax2": (1, 1), "entmax1.5": (1, 2), "entmax1.7": (1, 0), "topk_softmax": (2, 1),
+            "topk_uniform": (3, 1), "norm_relu": (4, 1), "relumax": (5, 1)}
+    for (name, (fam, nint)), D, dtype, lens in itertools.product(fams.items(), (16, 64, 128), ("bf16", "fp32"),
+                                                                (False, True)):
+        prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
+        jobs = []
+        fcfg = fused._config("fwd", D, False)
+        bcfg = fused._config("bwd", D, False)
+        for save in (False, True):
+            c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1])
+            jobs.append(("fwd" + ("+save" if save else ""), fused._fwd_kernel, c, fcfg))
+        c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
+                 BLOCK_N=bcfg[1])
+        jobs += [("dkdv", fused._bwd_dkdv_kernel, c, bcfg), ("dq", fused._bwd_dq_kernel, c, bcfg)]
+        for kind, fn, c, cfg in jobs:
+            try:
+                compile_one(fn, dtype, c, cfg)
+            except Exception as e:  # noqa: BLE001
+                fails += 1
+                print(f"FAIL {name} {kind} D={D} {dtype} lens={lens}: {str(e).splitlines()[0][:200]}", flush=True)
+    print(f"triton {triton.__version__}: {fails} failures", flush=True)
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
