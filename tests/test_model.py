@@ -466,3 +466,25 @@ def test_cuda_bf16_matches_fp32(method):
         _, loss = m(idx, idx, lengths=lengths)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_persistent_memory_batch_fold_is_the_same_function():
+    """g samples folded into SDPA's query axis (B*H >= 512 here, so g = 2) give the per-sample
+    attention over the P slots, values and gradients (no dropout in eval)."""
+    from sparse_mosaics.model.mosaic import _fold_factor
+
+    torch.manual_seed(3)
+    B, T, H = 64, 5, 8
+    assert _fold_factor(B, H) == 2 and _fold_factor(32, H) == 1 and _fold_factor(5, 1) == 1
+    cfg = tiny("softmax", n_embd=16, n_head=H, pmem_size=6)
+    pmem = MemoryMosaic(cfg).blocks[0].pmem.eval().double()
+    x = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
+    y = pmem(x)
+    # per-sample reference: every sample alone (B = 1, so no fold)
+    y_ref = torch.cat([pmem(x[b:b + 1]) for b in range(B)])
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    gx, gM = torch.autograd.grad(y, (x, pmem.M_k[0]), g)
+    gx_ref, gM_ref = torch.autograd.grad(y_ref, (x, pmem.M_k[0]), g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gM, gM_ref, rtol=1e-10, atol=1e-12)

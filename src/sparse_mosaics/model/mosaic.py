@@ -239,6 +239,14 @@ class ContextMemory(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def _fold_factor(B: int, H: int, min_pairs: int = 256) -> int:
+    """The largest divisor g of B with (B / g) * H >= min_pairs (1 when B * H is below it)."""
+    for g in range(B, 0, -1):
+        if B % g == 0 and (B // g) * H >= min_pairs:
+            return g
+    return 1
+
+
 class PersistentMemory(nn.Module):
     """Persistent associative memory (PMem, SPEC.md §2.5), the MLP's counterpart.
 
@@ -270,17 +278,20 @@ class PersistentMemory(nn.Module):
     def forward(self, x):
         B, T, C = x.size()
         q = self.key(x) * _exp_beta(_f32(self.kernel_beta)) ** 2         # (B, H, T, d) fp32
-        # The slots are shared by every position, so the batch folds into the query axis: one
-        # (1, H, B*T, d) x (1, H, P, d) attention, whose dM_k, dM_v come out directly instead of
-        # as a (B, H, P, d) gradient of an expanded memory summed over B (same function).
-        d = q.size(-1)
-        q = q.to(x.dtype).transpose(0, 1).reshape(1, self.n_head, B * T, d)
+        # The slots are shared by every position, so g samples fold into the query axis: a
+        # (B/g, H, g*T, d) x (B/g, H, P, d) attention (same function). Folding shrinks the
+        # expanded dM_k, dM_v that SDPA's backward writes before summing over the batch, by g;
+        # g stops at B*H/g >= 256 (batch, head) pairs, which the backward kernels parallelise over.
+        H, d = self.n_head, q.size(-1)
+        g = _fold_factor(B, H)
+        q = q.to(x.dtype).reshape(B // g, g, H, T, d).transpose(1, 2).reshape(B // g, H, g * T, d)
         p = self.ic_dropout if self.training else 0.0
         y = 0
         for M_k, M_v in zip(self.M_k, self.M_v):
-            y = y + F.scaled_dot_product_attention(q, M_k.to(q.dtype), M_v.to(q.dtype), dropout_p=p,
-                                                   scale=1.0)            # (1, H, B*T, d)
-        y = (y / len(self.M_k)).view(self.n_head, B, T, d).transpose(0, 1)   # (B, H, T, d)
+            y = y + F.scaled_dot_product_attention(
+                q, M_k.to(q.dtype).expand(B // g, -1, -1, -1), M_v.to(q.dtype).expand(B // g, -1, -1, -1),
+                dropout_p=p, scale=1.0)                                   # (B/g, H, g*T, d)
+        y = (y / len(self.M_k)).view(B // g, H, g, T, d).transpose(1, 2).reshape(B, H, T, d)
         scale = torch.clamp(torch.exp(self.value_beta * EXP_SCALE), max=BETA_MAX_EXP).view(1, -1, 1, 1)
         y = (y * scale.to(y.dtype)).transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
