@@ -8,8 +8,9 @@ keeps the test independent of whatever else the pytest process has imported.
 Covered: all attention families (softmax through the fused kernel, entmax alpha = 2, 1.5, 4/3,
 1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
-D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); and the
-leaky-average scan forward / backward (x and lam), T not a multiple of the chunk.
+D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); exact
+top-K tie handling; the leaky-average scan forward / backward (x and lam), T not a multiple of the
+chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
 
 import json
@@ -26,6 +27,7 @@ ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"))
 LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
 CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("ties", m, 16, 70, 1, None) for m in ("top4_uniform", "top4_softmax")]
+         + [("compiled", m, 16, 40, 1, "lens") for m in ("biweight", "relumax", "top4_softmax")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 
@@ -107,6 +109,36 @@ def _run_ties(method, D, T, shift):
     return {"bad_rows": float(bad)}
 
 
+def _run_compiled(method, D, T, shift):
+    """torch.compile(fullgraph=True) of a function around the kernels and the leaky scan: the
+    custom ops trace without graph breaks and give the eager values and gradients."""
+    import torch
+
+    from sparse_mosaics.attention.fused import fused_attention
+    from sparse_mosaics.attention.registry import get_method
+    from sparse_mosaics.model.leaky_average_triton import leaky_average_triton
+
+    spec = get_method(method)
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randn(2, 2, T, D, generator=g) * 0.8).requires_grad_()
+    v = torch.randn(2, 2, T, D, generator=g).requires_grad_()
+    lam = torch.tensor([0.3, 2.0], requires_grad=True)
+    lengths = torch.tensor([T, T - 11])
+
+    def f(q, v, lam):
+        k = leaky_average_triton(q, lam)
+        return (fused_attention(k, k, v, spec, shift, lengths) * torch.tanh(v)).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y, yc = f(q, v, lam), compiled(q, v, lam)
+    grads = torch.autograd.grad(y, (q, v, lam))
+    grads_c = torch.autograd.grad(yc, (q, v, lam))
+    out = {"out": _rel(yc, y)}
+    for name, a, b in zip(("dq", "dv", "dlam"), grads_c, grads):
+        out[name] = _rel(a, b)
+    return out
+
+
 def _run_leaky(d, T):
     import torch
 
@@ -134,6 +166,8 @@ def _main(path):
                 r = _run_leaky(D, T)
             elif kind == "ties":
                 r = _run_ties(method, D, T, shift)
+            elif kind == "compiled":
+                r = _run_compiled(method, D, T, shift)
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests

@@ -1,7 +1,7 @@
 """Where does a training step's time go? One GPU run: eager vs compiled, attention input dtype,
 and the top CUDA kernels of one step (torch.profiler).
 
-usage: python docs/benchmarks/profile_step.py [methods ...]
+usage: python docs/benchmarks/profile_step.py [--cells=lengthgen,icll] [methods ...]
 """
 
 import sys
@@ -81,13 +81,15 @@ def run(cell, method, variant, profile=False):
 def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    methods = sys.argv[1:] or ["softmax", "biweight"]
-    for i, method in enumerate(methods):
-        for variant in ("eager", "compile", "compile-ro"):
-            run("lengthgen", method, variant, profile=i == 0 and variant == "eager")
-    for i, method in enumerate(methods):
-        for variant in ("eager", "compile", "compile-ro"):
-            run("icll", method, variant, profile=i == 0 and variant == "compile")
+    args = sys.argv[1:]
+    cells = ("lengthgen", "icll")
+    if args and args[0].startswith("--cells="):
+        cells, args = tuple(args[0].split("=", 1)[1].split(",")), args[1:]
+    methods = args or ["softmax", "biweight"]
+    for cell in cells:
+        for i, method in enumerate(methods):
+            for variant in ("eager", "compile", "compile-ro"):
+                run(cell, method, variant, profile=i == 0 and variant == "compile")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .registry import MethodSpec
+from .registry import MethodSpec, get_method
 
 # family codes (constexpr inside the kernels)
 SOFTMAX, ENTMAX, TOPK_SOFTMAX, TOPK_UNIFORM, NORM_RELU, RELUMAX = 0, 1, 2, 3, 4, 5
@@ -781,20 +781,63 @@ def _launch_backward(q, k, v, o, o2, of, st, ist, do, prm, shift, lengths):
     return dq, dk, dv
 
 
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, prm, shift, lengths):
-        save = any(ctx.needs_input_grad[:3])
-        o, o2, of, st, ist = _launch_forward(q, k, v, prm, shift, lengths, save)
-        ctx.prm, ctx.shift = prm, shift
-        ctx.save_for_backward(q, k, v, o, o2, of, st, ist, lengths)
-        return o
+# The launches are torch.library custom ops: torch.compile keeps them as opaque nodes of one graph
+# (no graph break, CUDA-graph capturable), and autograd reaches the backward op through
+# register_autograd. Outputs a family does not need are empty tensors (custom ops return no None).
+def _needs(method: str, save: bool):
+    fam = FAMILY_CODE[get_method(method).family]
+    need_o2 = save and fam in (ENTMAX, RELUMAX, NORM_RELU)
+    return need_o2, save and fam == RELUMAX
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, o2, of, st, ist, lengths = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(q, k, v, o, o2, of, st, ist, do, ctx.prm, ctx.shift, lengths)
-        return dq, dk, dv, None, None, None
+
+@torch.library.custom_op("sparse_mosaics::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, shift: int,
+                   lengths: torch.Tensor | None, save: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    o, o2, of, st, ist = _launch_forward(q, k, v, _params(get_method(method)), shift, lengths, save)
+    return o, st.new_empty(0) if o2 is None else o2, st.new_empty(0) if of is None else of, st, ist
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, method, shift, lengths, save):
+    B, H, T, _ = q.shape
+    DV = v.shape[-1]
+    need_o2, need_of = _needs(method, save)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (q.new_empty((B, H, T, DV), dtype=v.dtype),
+            torch.empty((B * H, T, DV) if need_o2 else (0,), **f32),
+            torch.empty((B * H, T, DV) if need_of else (0,), **f32),
+            torch.empty((3, B * H, T), **f32), torch.empty((B * H, T), device=q.device, dtype=torch.int32))
+
+
+@torch.library.custom_op("sparse_mosaics::attention_bwd", mutates_args=())
+def _attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, o2: torch.Tensor,
+                   of: torch.Tensor, st: torch.Tensor, ist: torch.Tensor, do: torch.Tensor, method: str,
+                   shift: int, lengths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(q, k, v, o, o2, of, st, ist, do, _params(get_method(method)), shift, lengths)
+
+
+@_attention_bwd.register_fake
+def _(q, k, v, o, o2, of, st, ist, do, method, shift, lengths):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, method, shift, lengths, save = inputs
+    o, o2, of, st, ist = output
+    ctx.method, ctx.shift = method, shift
+    ctx.save_for_backward(q, k, v, o, o2, of, st, ist, lengths)
+
+
+def _attention_backward(ctx, do, *unused):
+    q, k, v, o, o2, of, st, ist, lengths = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_mosaics.attention_bwd(q, k, v, o, o2, of, st, ist, do, ctx.method,
+                                                        ctx.shift, lengths)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("sparse_mosaics::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup)
 
 
 def sdpa_softmax(q, k, v, shift: int = 1) -> torch.Tensor:
@@ -813,9 +856,6 @@ def sdpa_softmax(q, k, v, shift: int = 1) -> torch.Tensor:
     return F.pad(y, (0, 0, shift, 0))
 
 
-# torch.compile runs the kernels as they are (Inductor's re-wrapping of user Triton kernels inside
-# an autograd.Function fails on them); the rest of a compiled model is still fused around them.
-@torch.compiler.disable
 def fused_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> torch.Tensor:
     """The Triton kernels for any family (softmax included: the lengths-capable online kernel)."""
     B, H, T, D = q.shape
@@ -827,8 +867,10 @@ def fused_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> 
         raise ValueError(f"triton attention supports head dims <= 256, got {D} / {v.shape[-1]}")
     if lengths is not None:
         lengths = lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    prm = _params(spec)
-    return _FusedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), prm, int(shift), lengths)
+    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out = torch.ops.sparse_mosaics.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), spec.name,
+                                                 int(shift), lengths, save)
+    return out[0]
 
 
 def triton_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> torch.Tensor:

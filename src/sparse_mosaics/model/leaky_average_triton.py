@@ -109,42 +109,61 @@ def _warps() -> int:
     return 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4
 
 
-class _LeakyAverage(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lam):
-        B, H, T, d = x.shape
-        x = x.contiguous()
-        lam_c = lam.detach().float().contiguous()
-        y = torch.empty_like(x)
-        bd = _block_d(d)
-        if T > 0:
-            _leaky_fwd_kernel[(B * H, triton.cdiv(d, bd))](x, y, lam_c, T, H, d, BLOCK_T=BLOCK_T,
-                                                          BLOCK_D=bd, num_warps=_warps())
-        ctx.save_for_backward(x, lam_c)
-        ctx.lam_dtype = lam.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        x, lam_c = ctx.saved_tensors
-        B, H, T, d = x.shape
-        g = g.contiguous()
-        bd = _block_d(d)
-        nd = triton.cdiv(d, bd)
-        gx = torch.empty_like(x)
-        glam = torch.zeros((B * H, nd), device=x.device, dtype=torch.float32)
-        if T > 0:
-            _leaky_bwd_kernel[(B * H, nd)](x, g, gx, glam, lam_c, T, H, d, nd, BLOCK_T=BLOCK_T,
-                                          BLOCK_D=bd, num_warps=_warps())
-        else:
-            gx.zero_()
-        glam = glam.view(B, H, nd).sum(dim=(0, 2)).to(ctx.lam_dtype)
-        return gx, glam
+# The kernels are torch.library custom ops: torch.compile keeps them as opaque nodes of one graph
+# (no graph break, CUDA-graph capturable), and autograd reaches the backward op through
+# register_autograd.
+@torch.library.custom_op("sparse_mosaics::leaky_average_fwd", mutates_args=())
+def _leaky_fwd(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    B, H, T, d = x.shape
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    bd = _block_d(d)
+    if T > 0:
+        _leaky_fwd_kernel[(B * H, triton.cdiv(d, bd))](x, y, lam.contiguous(), T, H, d, BLOCK_T=BLOCK_T,
+                                                      BLOCK_D=bd, num_warps=_warps())
+    return y
 
 
-# torch.compile runs the kernels as they are (Inductor's re-wrapping of user Triton kernels inside
-# an autograd.Function fails on them); the rest of a compiled model is still fused around them.
-@torch.compiler.disable
+@_leaky_fwd.register_fake
+def _(x, lam):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparse_mosaics::leaky_average_bwd", mutates_args=())
+def _leaky_bwd(x: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, T, d = x.shape
+    x, g = x.contiguous(), g.contiguous()
+    bd = _block_d(d)
+    nd = triton.cdiv(d, bd)
+    gx = torch.empty_like(x)
+    glam = torch.zeros((B * H, nd), device=x.device, dtype=torch.float32)
+    if T > 0:
+        _leaky_bwd_kernel[(B * H, nd)](x, g, gx, glam, lam.contiguous(), T, H, d, nd, BLOCK_T=BLOCK_T,
+                                      BLOCK_D=bd, num_warps=_warps())
+    else:
+        gx.zero_()
+    return gx, glam.view(B, H, nd).sum(dim=(0, 2))
+
+
+@_leaky_bwd.register_fake
+def _(x, lam, g):
+    return torch.empty_like(x), lam.new_empty(lam.shape, dtype=torch.float32)
+
+
+def _leaky_setup(ctx, inputs, output):
+    x, lam = inputs
+    ctx.save_for_backward(x, lam)
+
+
+def _leaky_backward(ctx, g):
+    x, lam = ctx.saved_tensors
+    gx, glam = torch.ops.sparse_mosaics.leaky_average_bwd(x, lam, g)
+    return gx, glam
+
+
+torch.library.register_autograd("sparse_mosaics::leaky_average_fwd", _leaky_backward, setup_context=_leaky_setup)
+
+
 def leaky_average_triton(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """y_t = sum_{i <= t} exp(-lam_h (t - i)) x_i per head (Triton scan, fp32 inside).
 
@@ -159,7 +178,8 @@ def leaky_average_triton(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"leaky_average_triton expects x (B, H, T, d) and lam (H,), got "
                          f"{tuple(x.shape)} and {tuple(lam.shape)}")
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _LeakyAverage.apply(x, lam)
+        lam_f = lam.float()  # fp32 decay inside; its gradient comes back in lam's dtype
+        return torch.ops.sparse_mosaics.leaky_average_fwd(x, lam_f)
 
 
 __all__ = ["leaky_average_triton"]
