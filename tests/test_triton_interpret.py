@@ -129,6 +129,12 @@ def _run_compiled(method, D, T, shift):
         k = leaky_average_triton(q, lam)
         return (fused_attention(k, k, v, spec, shift, lengths) * torch.tanh(v)).sum()
 
+    # the custom ops' fake (meta) functions and autograd registration agree with the real ones,
+    # on non-contiguous inputs as the model passes them
+    qt = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    torch.library.opcheck(torch.ops.sparse_mosaics.leaky_average_fwd.default, (qt, lam.detach()))
+    torch.library.opcheck(torch.ops.sparse_mosaics.attention_fwd.default,
+                          (q, q.detach().clone().requires_grad_(), v, spec.name, shift, lengths, True))
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     y, yc = f(q, v, lam), compiled(q, v, lam)
     grads = torch.autograd.grad(y, (q, v, lam))

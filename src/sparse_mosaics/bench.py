@@ -167,11 +167,11 @@ def check_impl(name, fn, method, B, H, T, D, dtype, shift, lengths, dist, seed, 
                 err_dk=errs[2], err_dv=errs[3], ok=bool(ok))
 
 
-def run_checks(quick=False, budget=None, log=print):
+def run_checks(quick=False, budget=None, log=print, methods=None):
     rows = []
     B, H = 2, 4
     cases = []
-    for method in METHODS:
+    for method in methods or METHODS:
         cases.append((method, 64, torch.bfloat16, 1, True, "mosaic", 600))
         cases.append((method, 64, torch.bfloat16, 0, False, "normal", 1024))
         if not quick:
@@ -249,12 +249,13 @@ def kernel_impls(methods, adasplash=True):
     return impls
 
 
-def run_kernels(quick=False, budget=None, log=print, adasplash=True):
+def run_kernels(quick=False, budget=None, log=print, adasplash=True, methods=None):
     rows = []
     shapes = [(32, 8, 1024, 64), (32, 8, 4096, 64), (32, 8, 4096, 16)]
     if not quick:
         shapes = [(32, 8, 256, 16), (32, 8, 256, 64), (32, 8, 1024, 16)] + shapes
-    methods = METHODS if not quick else ("softmax", "biweight", "epanechnikov", "top16_softmax", "relumax")
+    if methods is None:
+        methods = METHODS if not quick else ("softmax", "biweight", "epanechnikov", "top16_softmax", "relumax")
     for B, H, T, D in shapes:
         for name, method, fn in kernel_impls(methods, adasplash):
             if budget is not None and budget.out():
@@ -265,11 +266,12 @@ def run_kernels(quick=False, budget=None, log=print, adasplash=True):
     return rows
 
 
-def run_long(quick=False, budget=None, log=print):
+def run_long(quick=False, budget=None, log=print, methods=None):
     rows = []
     Ts = (16384, 65536) if not quick else (65536,)
     for T in Ts:
-        impls = [("sdpa_flash", "softmax", _sdpa("flash"))] + [("ours", m, _ours(m, "auto")) for m in METHODS]
+        impls = [("sdpa_flash", "softmax", _sdpa("flash"))] + [("ours", m, _ours(m, "auto"))
+                                                                for m in methods or METHODS]
         for name, method, fn in impls:
             if budget is not None and budget.out():
                 return rows
@@ -348,16 +350,19 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
     return row
 
 
-def run_train(quick=False, budget=None, log=print, compile_model=False, reference_model=False):
+def run_train(quick=False, budget=None, log=print, compile_model=False, reference_model=False, methods=None,
+              cells=None):
     """Training-step rows per cell x method x backend; ``compile_model``: eager and compiled rows both."""
     rows = []
     compiled = (False, True) if compile_model else (False,)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    cells = [("lengthgen", 256, 130, True), ("icll", 32, 512, False), ("icll", 32, 948, False)]
-    if quick:
-        cells = cells[:1]
-    methods = METHODS
-    for cell, batch, T, amp in cells:
+    all_cells = [("lengthgen", 256, 130, True), ("icll", 32, 512, False), ("icll", 32, 948, False)]
+    if cells is not None:
+        chosen = [c for c in all_cells if f"{c[0]}{c[2] if c[0] == 'icll' else ''}" in cells]
+    else:
+        chosen = all_cells[:1] if quick else all_cells
+    methods = methods or METHODS
+    for cell, batch, T, amp in chosen:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         for method in methods:
@@ -375,13 +380,13 @@ def run_train(quick=False, budget=None, log=print, compile_model=False, referenc
     return rows
 
 
-def run_eval(quick=False, budget=None, log=print):
+def run_eval(quick=False, budget=None, log=print, methods=None):
     """Eval forward per method; T = 4096 first for every method (the anchor), then the others."""
     rows = []
     Ts = (4096, 1026, 2050, 8192, 16384) if not quick else (4096, 16384)
     models = {}
     for T in Ts:
-        for method in METHODS:
+        for method in methods or METHODS:
             if budget is not None and budget.out():
                 return rows
             row = dict(section="eval", impl="model_auto", method=method, cell="lengthgen", B=8, T=T,
@@ -430,8 +435,11 @@ def environment_columns():
                 cuda_version=torch.version.cuda)
 
 
+TRAIN_CELLS = ("lengthgen", "icll512", "icll948")
+
+
 def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"), budget_s=1e9, log=print,
-              compile_model=False, reference_model=False):
+              compile_model=False, reference_model=False, methods=None, cells=None):
     """All sections in order; returns the list of row dicts (environment columns added)."""
     if not torch.cuda.is_available():
         raise RuntimeError("sparse-mosaics bench needs a CUDA GPU (none found)")
@@ -450,15 +458,16 @@ def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"
             continue
         t0 = time.time()
         if sec == "check":
-            rows += run_checks(quick, budget, log)
+            rows += run_checks(quick, budget, log, methods=methods)
         elif sec == "kernels":
-            rows += run_kernels(quick, budget, log, adasplash=have_ada)
+            rows += run_kernels(quick, budget, log, adasplash=have_ada, methods=methods)
         elif sec == "long":
-            rows += run_long(quick, budget, log)
+            rows += run_long(quick, budget, log, methods=methods)
         elif sec == "train":
-            rows += run_train(quick, budget, log, compile_model=compile_model, reference_model=reference_model)
+            rows += run_train(quick, budget, log, compile_model=compile_model, reference_model=reference_model,
+                              methods=methods, cells=cells)
         elif sec == "eval":
-            rows += run_eval(quick, budget, log)
+            rows += run_eval(quick, budget, log, methods=methods)
         else:
             raise ValueError(f"unknown bench section {sec!r}")
         log(f"-- section {sec}: {time.time() - t0:.0f} s")

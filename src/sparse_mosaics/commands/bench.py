@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="train section: time each training step twice, eager and with torch.compile "
                              "(default Inductor backend; compiling adds tens of seconds per method)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods to measure (default: every method of the section)")
+    parser.add_argument("--cells", default=None,
+                        help="train section: comma-separated subset of lengthgen,icll512,icll948 (default: all)")
     parser.add_argument("--reference-model", action="store_true",
                         help="also time the training step with attention_backend='reference' (materialised)")
 
@@ -37,6 +41,23 @@ def main(args) -> int:
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise CommandError(f"unknown --sections value(s) {bad}; valid: {', '.join(SECTIONS)}")
+    methods = cells = None
+    if args.methods:
+        from ..attention import get_method
+
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        for m in methods:
+            try:
+                get_method(m)
+            except ValueError as e:
+                raise CommandError(f"--methods: {e}") from None
+    if args.cells:
+        from ..bench import TRAIN_CELLS
+
+        cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
+        bad = [c for c in cells if c not in TRAIN_CELLS]
+        if bad:
+            raise CommandError(f"unknown --cells value(s) {bad}; valid: {', '.join(TRAIN_CELLS)}")
     import torch
 
     if not torch.cuda.is_available():
@@ -45,7 +66,7 @@ def main(args) -> int:
 
     rows = run_bench(quick=args.quick, sections=sections, budget_s=args.budget,
                      log=lambda s: print(s, flush=True), compile_model=args.compile,
-                     reference_model=args.reference_model)
+                     reference_model=args.reference_model, methods=methods, cells=cells)
     table = markdown_tables(rows)
     print(table)
     if args.out:

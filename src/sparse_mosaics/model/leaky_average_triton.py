@@ -109,11 +109,21 @@ def _warps() -> int:
     return 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else 4
 
 
-# The kernels are torch.library custom ops: torch.compile keeps them as opaque nodes of one graph
-# (no graph break, CUDA-graph capturable), and autograd reaches the backward op through
-# register_autograd.
-@torch.library.custom_op("sparse_mosaics::leaky_average_fwd", mutates_args=())
-def _leaky_fwd(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+class _LeakyAverage(torch.autograd.Function):
+    """Eager autograd wrapper (a custom op's dispatch costs CPU time on every call)."""
+
+    @staticmethod
+    def forward(ctx, x, lam):
+        ctx.save_for_backward(x, lam)
+        return _leaky_fwd_impl(x, lam)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, lam = ctx.saved_tensors
+        return _leaky_bwd_impl(x, lam, g)
+
+
+def _leaky_fwd_impl(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     B, H, T, d = x.shape
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -124,13 +134,19 @@ def _leaky_fwd(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return y
 
 
+# Under torch.compile the kernels are torch.library custom ops instead: opaque nodes of one graph
+# (no graph break, CUDA-graph capturable), the backward op reached through register_autograd.
+@torch.library.custom_op("sparse_mosaics::leaky_average_fwd", mutates_args=())
+def _leaky_fwd(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    return _leaky_fwd_impl(x, lam)
+
+
 @_leaky_fwd.register_fake
 def _(x, lam):
-    return torch.empty_like(x)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous, as the kernel writes it
 
 
-@torch.library.custom_op("sparse_mosaics::leaky_average_bwd", mutates_args=())
-def _leaky_bwd(x: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _leaky_bwd_impl(x: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, d = x.shape
     x, g = x.contiguous(), g.contiguous()
     bd = _block_d(d)
@@ -145,9 +161,14 @@ def _leaky_bwd(x: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> tuple[tor
     return gx, glam.view(B, H, nd).sum(dim=(0, 2))
 
 
+@torch.library.custom_op("sparse_mosaics::leaky_average_bwd", mutates_args=())
+def _leaky_bwd(x: torch.Tensor, lam: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _leaky_bwd_impl(x, lam, g)
+
+
 @_leaky_bwd.register_fake
 def _(x, lam, g):
-    return torch.empty_like(x), lam.new_empty(lam.shape, dtype=torch.float32)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype), lam.new_empty(lam.shape, dtype=torch.float32)
 
 
 def _leaky_setup(ctx, inputs, output):
@@ -179,6 +200,8 @@ def leaky_average_triton(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
                          f"{tuple(x.shape)} and {tuple(lam.shape)}")
     with torch.autocast(device_type=x.device.type, enabled=False):
         lam_f = lam.float()  # fp32 decay inside; its gradient comes back in lam's dtype
+        if not torch.compiler.is_compiling():
+            return _LeakyAverage.apply(x, lam_f)
         return torch.ops.sparse_mosaics.leaky_average_fwd(x, lam_f)
 
 
