@@ -28,3 +28,15 @@ def test_unknown_command_is_an_error(capsys):
         main(["no-such-command"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sections", "kernels,nope"], "unknown --sections value(s) ['nope']"),
+    (["--methods", "softmax,top0_softmax"], "--methods: "),
+    (["--cells", "icll512,icll9"], "unknown --cells value(s) ['icll9']"),
+    (["--shapes", "4096x"], "--shapes must be comma-separated TxD pairs"),
+])
+def test_bench_bad_arguments_name_the_option(args, message, capsys):
+    """Checked before anything needs a GPU, so the error is the same on CPU-only machines."""
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err

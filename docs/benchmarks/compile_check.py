@@ -1,6 +1,6 @@
 """Compile every fused attention kernel for an sm_90 target without a GPU (developer tool).
 
-    PYTHONPATH=src python docs/benchmarks/compile_check.py
+    PYTHONPATH=src python docs/benchmarks/compile_check.py [family names, comma-separated]
 
 Runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for each family, forward
 (with and without the backward statistics) and both backward kernels, at the default block sizes.
@@ -48,14 +48,17 @@ def compile_one(fn, dtype, consts, cfg):
 
 def main():
     fails = 0
-    fams = {"softmax": (0, 1), "entmax2": (1, 1), "entmax1.5": (1, 2), "entmax1.7": (1, 0), "topk_softmax": (2, 1),
-            "topk_uniform": (3, 1), "norm_relu": (4, 1), "relumax": (5, 1)}
+    fams = {"softmax": (0, 1), "entmax2": (1, 1), "entmax1.5": (1, 2), "entmax4/3": (1, 3), "entmax1.25": (1, 4),
+            "entmax1.7": (1, 0), "topk_softmax": (2, 1), "topk_uniform": (3, 1), "norm_relu": (4, 1),
+            "relumax": (5, 1)}
+    if len(sys.argv) > 1:  # a comma-separated subset of the names above
+        fams = {k: fams[k] for k in sys.argv[1].split(",")}
     for (name, (fam, nint)), D, dtype, lens in itertools.product(fams.items(), (16, 64, 128), ("bf16", "fp32"),
                                                                 (False, True)):
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []
-        fcfg = fused._config("fwd", D, False)
-        bcfg = fused._config("bwd", D, False)
+        fcfg = fused._config("fwd", D, False, fam)
+        bcfg = fused._config("bwd", D, False, fam)
         for save in (False, True):
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
                      MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1])

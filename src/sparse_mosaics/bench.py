@@ -249,11 +249,15 @@ def kernel_impls(methods, adasplash=True):
     return impls
 
 
-def run_kernels(quick=False, budget=None, log=print, adasplash=True, methods=None):
+def run_kernels(quick=False, budget=None, log=print, adasplash=True, methods=None, shapes=None):
+    """Kernel timings at B*H = 256 (B=32, H=8); ``shapes``: (T, D) pairs (default: GPU.md's anchors)."""
     rows = []
-    shapes = [(32, 8, 1024, 64), (32, 8, 4096, 64), (32, 8, 4096, 16)]
-    if not quick:
-        shapes = [(32, 8, 256, 16), (32, 8, 256, 64), (32, 8, 1024, 16)] + shapes
+    if shapes is not None:
+        shapes = [(32, 8, T, D) for T, D in shapes]
+    else:
+        shapes = [(32, 8, 1024, 64), (32, 8, 4096, 64), (32, 8, 4096, 16)]
+        if not quick:
+            shapes = [(32, 8, 256, 16), (32, 8, 256, 64), (32, 8, 1024, 16)] + shapes
     if methods is None:
         methods = METHODS if not quick else ("softmax", "biweight", "epanechnikov", "top16_softmax", "relumax")
     for B, H, T, D in shapes:
@@ -439,7 +443,7 @@ TRAIN_CELLS = ("lengthgen", "icll512", "icll948")
 
 
 def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"), budget_s=1e9, log=print,
-              compile_model=False, reference_model=False, methods=None, cells=None):
+              compile_model=False, reference_model=False, methods=None, cells=None, shapes=None):
     """All sections in order; returns the list of row dicts (environment columns added)."""
     if not torch.cuda.is_available():
         raise RuntimeError("sparse-mosaics bench needs a CUDA GPU (none found)")
@@ -460,7 +464,7 @@ def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"
         if sec == "check":
             rows += run_checks(quick, budget, log, methods=methods)
         elif sec == "kernels":
-            rows += run_kernels(quick, budget, log, adasplash=have_ada, methods=methods)
+            rows += run_kernels(quick, budget, log, adasplash=have_ada, methods=methods, shapes=shapes)
         elif sec == "long":
             rows += run_long(quick, budget, log, methods=methods)
         elif sec == "train":

@@ -20,7 +20,9 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  g(tau) = (sum_j [z_j - tau]_+^n)^(1/n) - 1, which is convex and decreasing, so
                  Newton from tau_0 = m - 1 increases monotonically to the root (quadratically;
                  about 4-6 passes to fp32 accuracy, exact in finitely many steps for n = 1, where
-                 it is Michelot's algorithm); a block stops as soon as every row's step is below
+                 it is Michelot's algorithm). For n in {2, 3, 4} the passes also sum d^(n-2) and
+                 take Halley steps (cubic; one or two passes fewer; a step that lands right of the
+                 root is followed by Newton steps, which land left of it); a block stops as soon as every row's step is below
                  max(1e-3, 1e-6 |m|) (the support of z has unit width, so this is scale-free;
                  quadratic convergence leaves an error ~ step^2 ~ 1e-6).  Last
                  pass: output, normalised by Z = sum p (= 1 up to the tolerance) so weights sum to 1.
@@ -81,18 +83,23 @@ FP32_PRECISION = "tf32x3"
 CONFIG_OVERRIDE: dict = {}
 
 
-def _config(kind: str, head_dim: int, interpret: bool):
+def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
         return (32, 32, 1, 1)
+    one_pass = fam in (NORM_RELU, RELUMAX)
+    # H200 sweeps (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16; h200_tune.log)
     if kind == "fwd":
         if head_dim <= 64:
-            # H200 sweep (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16): forward of
-            # biweight 10.2 ms at (128, 32, 4, 3) vs 12.0 at (128, 64, 8, 3), norm_relu 2.77 vs 3.24
-            return (128, 32, 4, 3)
+            # biweight 10.2 ms at (128, 32, 4, 3) vs 11.0 at (64, 64, 4, 3); norm_relu 2.63 at
+            # (64, 32, 4, 3) vs 2.86 at (128, 32, 4, 3); relumax 3.94 vs 4.52
+            return (64, 32, 4, 3) if one_pass else (128, 32, 4, 3)
         return (128, 32, 8, 2)
-    return (64, 64, 4, 2) if head_dim <= 64 else (64, 32, 4, 2)
+    if head_dim <= 64:
+        # fwd+bwd norm_relu 12.40 ms with (64, 64, 4, 3) vs 12.61 with (64, 64, 4, 2); relumax 12.11 vs 12.37
+        return (64, 64, 4, 3) if one_pass else (64, 64, 4, 2)
+    return (64, 32, 4, 2)
 
 
 def _interpreting() -> bool:
@@ -156,6 +163,30 @@ def _pow_n1(d, n_exp, NINT: tl.constexpr):
         r = d * d * d
     else:
         r = tl.exp2((n_exp - 1.0) * tl.log2(d))
+    return r
+
+
+@triton.jit
+def _pow_n2(d, NINT: tl.constexpr):
+    """d ** (n - 2) for d >= 0, n in {2, 3, 4} (the support indicator for n = 2)."""
+    if NINT == 2:
+        r = tl.where(d > 0, 1.0, 0.0)
+    elif NINT == 3:
+        r = d
+    else:
+        r = d * d
+    return r
+
+
+@triton.jit
+def _root_n(f, NINT: tl.constexpr):
+    """f ** (1/n) for n in {2, 3, 4}."""
+    if NINT == 2:
+        r = tl.sqrt(f)
+    elif NINT == 3:
+        r = tl.exp2(tl.log2(f) * (1.0 / 3.0))
+    else:
+        r = tl.sqrt(tl.sqrt(f))
     return r
 
 
@@ -241,14 +272,23 @@ def _fwd_kernel(
         while go:
             f = tl.zeros([BLOCK_M], tl.float32)
             f1 = tl.zeros([BLOCK_M], tl.float32)
+            f2 = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, n_hi, BLOCK_N):
                 s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
                 d = tl.where(adm, tl.maximum(s * a_scale - tau[:, None], 0.0), 0.0)
                 f += tl.sum(_pow_n(d, n_exp, NINT), 1)
                 f1 += tl.sum(_pow_n1(d, n_exp, NINT), 1)
+                if NINT >= 2:
+                    f2 += tl.sum(_pow_n2(d, NINT), 1)
             f_safe = tl.where(f > 0, f, 1.0)
             f1_safe = tl.where(f1 > 0, f1, 1.0)
             step = _root_excess(f_safe, inv_n, NINT) / f1_safe
+            if NINT >= 2:
+                # Halley on g: step = newton / (1 - r), r = g g'' / (2 g'^2)
+                #   = (n - 1)(u - 1)(f f2 - f1^2) / (2 u f1^2),  u = f^(1/n)  (r >= 0 left of the root)
+                u = _root_n(f_safe, NINT)
+                r = (n_exp - 1.0) * (u - 1.0) * (f_safe * f2 - f1_safe * f1_safe) / (2.0 * u * f1_safe * f1_safe)
+                step = tl.where((u > 1.0) & (r < 0.9), step / (1.0 - r), step)
             step = tl.where(active & (f1 > 0), step, 0.0)
             tau = tau + step
             active = active & (tl.abs(step) > tol)
@@ -710,7 +750,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     DV = v.shape[-1]
     BH = B * H
     interp = _interpreting()
-    BM, BN, warps, stages = _config("fwd", D, interp)
+    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"])
     o = torch.empty((B, H, T, DV), device=q.device, dtype=v.dtype)
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
@@ -762,7 +802,7 @@ def _launch_backward(q, k, v, o, o2, of, st, ist, do, prm, shift, lengths):
         sv = (dof.view(BH, T, DV) * o2).sum(-1)
         st[2] = (sv - st[2] * rowc) / st[1]
     interp = _interpreting()
-    BM, BN, warps, stages = _config("bwd", D, interp)
+    BM, BN, warps, stages = _config("bwd", D, interp, fam)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
                              "(default Inductor backend; compiling adds tens of seconds per method)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to measure (default: every method of the section)")
+    parser.add_argument("--shapes", default=None,
+                        help="kernels section: comma-separated TxD pairs at B*H=256, e.g. 4096x64,1024x64 "
+                             "(default: T in 256, 1024, 4096 x D in 16, 64)")
     parser.add_argument("--cells", default=None,
                         help="train section: comma-separated subset of lengthgen,icll512,icll948 (default: all)")
     parser.add_argument("--reference-model", action="store_true",
@@ -58,6 +61,15 @@ def main(args) -> int:
         bad = [c for c in cells if c not in TRAIN_CELLS]
         if bad:
             raise CommandError(f"unknown --cells value(s) {bad}; valid: {', '.join(TRAIN_CELLS)}")
+    shapes = None
+    if args.shapes:
+        try:
+            shapes = tuple(tuple(int(x) for x in p.lower().split("x")) for p in args.shapes.split(",") if p.strip())
+            if not shapes or any(len(p) != 2 or min(p) < 1 for p in shapes):
+                raise ValueError
+        except ValueError:
+            raise CommandError(f"--shapes must be comma-separated TxD pairs of positive ints (e.g. 4096x64), "
+                               f"got {args.shapes!r}") from None
     import torch
 
     if not torch.cuda.is_available():
@@ -66,7 +78,7 @@ def main(args) -> int:
 
     rows = run_bench(quick=args.quick, sections=sections, budget_s=args.budget,
                      log=lambda s: print(s, flush=True), compile_model=args.compile,
-                     reference_model=args.reference_model, methods=methods, cells=cells)
+                     reference_model=args.reference_model, methods=methods, cells=cells, shapes=shapes)
     table = markdown_tables(rows)
     print(table)
     if args.out:
