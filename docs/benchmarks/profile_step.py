@@ -9,23 +9,7 @@ import time
 
 import torch
 
-from sparse_mosaics.bench import ICLL, LENGTHGEN, _model
-
-
-def step_fn(model, fwd, batch, T, amp):
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
-    V = model.config.vocab_size
-    idx = torch.randint(0, V, (batch, T), device="cuda")
-    tgt = torch.randint(0, V, (batch, T), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            _, loss = fwd(idx, tgt)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+from sparse_mosaics.bench import ICLL, LENGTHGEN, _model, train_step_fn
 
 
 def timed(step, n=15):
@@ -57,7 +41,8 @@ def run(cell, method, variant, profile=False):
         fwd = torch.compile(model)
     elif variant == "compile-ro":  # CUDA graphs for the compiled regions
         fwd = torch.compile(model, mode="reduce-overhead")
-    step = step_fn(model, fwd, batch, T, amp)
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cuda")
+    step = train_step_fn(model, fwd, opt, batch, T, amp)
     try:
         gpu_ms, cpu_ms = timed(step)
     except Exception as e:  # noqa: BLE001

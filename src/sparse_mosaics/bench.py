@@ -307,6 +307,23 @@ LENGTHGEN = dict(vocab_size=36, n_layer=2, n_embd=512, n_head=8, pmem_size=2688)
 ICLL = dict(vocab_size=20, n_layer=2, n_embd=128, n_head=8, pmem_size=448)
 
 
+def train_step_fn(model, fwd, opt, batch, T, amp):
+    """One AdamW step on random tokens: ``fwd`` (the model or its compiled form) under bf16 autocast
+    when ``amp``, backward, step, zero_grad."""
+    V = model.config.vocab_size
+    idx = torch.randint(0, V, (batch, T), device="cuda")
+    tgt = torch.randint(0, V, (batch, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            _, loss = fwd(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compile_model=False):
     row = dict(section="train", impl=f"model_{backend}" + ("_compile" if compile_model else ""), method=method,
                cell=cell, B=batch, T=T, dtype="bf16-autocast" if amp else "fp32-tf32")
@@ -320,17 +337,7 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
             # reached after a few methods and later "compiled" rows silently run eagerly
             torch._dynamo.reset()
         fwd = torch.compile(model) if compile_model else model
-        V = model.config.vocab_size
-        idx = torch.randint(0, V, (batch, T), device="cuda")
-        tgt = torch.randint(0, V, (batch, T), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                _, loss = fwd(idx, tgt)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = train_step_fn(model, fwd, opt, batch, T, amp)
         for _ in range(3):
             step()
         torch.cuda.synchronize()

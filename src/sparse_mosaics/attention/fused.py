@@ -34,10 +34,13 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  blocks where some row has every weight 0: uniform over A_i).
 * relumax     -- p ∝ relu(1 + s_ij - m_i), m_i = max_{A_i} s: a max (+argmax) pass, then the output
                  pass.  The gradient flows through m_i to the argmax key (as torch.max does).
-* topk_*      -- exact K-th largest admissible score per row by bisection on the value, snapped to
-                 actual scores (each counting pass returns #{s >= t}, min{s >= t}, max{s < t}), so
-                 it terminates exactly; the selection threshold is then the midpoint between the
-                 K-th and (K+1)-th largest scores (robust to recomputation in the backward).
+* topk_*      -- exact K-th largest admissible score per row: a min/max pass, then counting passes
+                 with 7 pivots each (#{s > p} at 7 evenly spaced values of the interval that holds
+                 the K-th score; a pivot with exactly K scores above it ends the row), then, for
+                 rows still open (ties at the K-th score, intervals at float resolution), bisection
+                 snapped to actual scores (#{s >= t}, min{s >= t}, max{s < t}), which terminates
+                 exactly; the output pass also finds the K-th and (K+1)-th largest scores, and the
+                 saved threshold is their midpoint (robust to recomputation in the backward).
                  Tie rule: if several scores equal the K-th largest value, all strictly larger ones
                  are kept plus the lowest-index tied ones, so exactly min(K, |A_i|) keys are kept
                  (found by a bisection on the index cut, only in blocks that have a tie).
