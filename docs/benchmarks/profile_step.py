@@ -1,7 +1,8 @@
 """Where does a training step's time go? One GPU run: eager vs compiled, attention input dtype,
 and the top CUDA kernels of one step (torch.profiler).
 
-usage: python docs/benchmarks/profile_step.py [--cells=lengthgen,icll] [methods ...]
+usage: python docs/benchmarks/profile_step.py [--cells=lengthgen,icll512,icll948] [--variants=eager,compile,compile-ro]
+                                             [--no-profile] [methods ...]
 """
 
 import sys
@@ -32,7 +33,10 @@ def timed(step, n=15):
 
 def run(cell, method, variant, profile=False):
     torch.manual_seed(0)
-    cfg, batch, T, amp = (LENGTHGEN, 256, 130, True) if cell == "lengthgen" else (ICLL, 32, 948, False)
+    cfg, batch, T, amp = {"lengthgen": (LENGTHGEN, 256, 130, True), "icll": (ICLL, 32, 948, False),
+                          "icll948": (ICLL, 32, 948, False), "icll512": (ICLL, 32, 512, False)}[cell]
+    if "compile" in variant:
+        torch._dynamo.reset()  # a fresh cache per model (the recompile limit would be hit otherwise)
     model = _model(cfg, method)
     model.train()
     fwd = model
@@ -67,14 +71,22 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     args = sys.argv[1:]
-    cells = ("lengthgen", "icll")
-    if args and args[0].startswith("--cells="):
-        cells, args = tuple(args[0].split("=", 1)[1].split(",")), args[1:]
+    cells, variants, profile = ("lengthgen", "icll"), ("eager", "compile", "compile-ro"), True
+    while args and args[0].startswith("--"):
+        key, _, value = args.pop(0)[2:].partition("=")
+        if key == "cells":
+            cells = tuple(value.split(","))
+        elif key == "variants":
+            variants = tuple(value.split(","))
+        elif key == "no-profile":
+            profile = False
+        else:
+            raise SystemExit(f"unknown option --{key}")
     methods = args or ["softmax", "biweight"]
     for cell in cells:
         for i, method in enumerate(methods):
-            for variant in ("eager", "compile", "compile-ro"):
-                run(cell, method, variant, profile=i == 0 and variant == "compile")
+            for variant in variants:
+                run(cell, method, variant, profile=profile and i == 0 and variant == "compile")
 
 
 if __name__ == "__main__":
