@@ -12,7 +12,7 @@ The loop is nanoGPT's (SPEC.md §3c, "Training loop"), made resumable and bit-fo
 - bf16 autocast on CUDA, fp32 on CPU (``train.dtype = "auto"``);
 - optionally ``torch.compile`` of the model's forward for the training loop (``train.compile``:
   false, true = the default Inductor backend, or a backend name such as "aot_eager"); the Triton
-  kernels are ``torch.compiler.disable``-d, so the graph breaks around them. Checkpoints and
+  kernels are ``torch.library`` custom ops under compile, so the model is one graph. Checkpoints and
   ``model.pt`` hold the uncompiled module's state dict, so resume and evaluation are unaffected;
 - seeded: ``torch.manual_seed(seed)`` before the model is built; the data order is a pure function
   of (seed, epoch) (:class:`DataOrder`); dropout draws from the global torch RNG, whose state is
