@@ -21,7 +21,8 @@ from sparse_mosaics.evaluate import (
     scored_target_offsets,
     teacher_forced_scores,
 )
-from sparse_mosaics.train import train_cell, validate_cell
+from sparse_mosaics.cell import validate_cell
+from sparse_mosaics.train import train_cell
 
 from test_train import make_cell, write_data
 

@@ -12,15 +12,14 @@ import torch
 
 from sparse_mosaics import cli
 from sparse_mosaics.errors import CommandError
+from sparse_mosaics.cell import load_cell, validate_cell
 from sparse_mosaics.train import (
     CURVE_COLUMNS,
     DataOrder,
     NonFiniteLoss,
     get_lr,
-    load_cell,
     num_steps,
     train_cell,
-    validate_cell,
 )
 
 

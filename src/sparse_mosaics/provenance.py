@@ -19,8 +19,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CODE_SCOPES = {
     "generate": ["data", "io.py", "commands/generate.py"],
     "pack": ["data", "io.py", "commands/pack.py"],
-    "train": ["attention", "model", "data", "train.py", "io.py", "provenance.py", "commands/train.py"],
-    "evaluate": ["attention", "model", "data", "evaluate.py", "io.py", "provenance.py", "commands/evaluate.py"],
+    "train": ["attention", "model", "data", "cell.py", "train.py", "io.py", "provenance.py", "commands/train.py"],
+    "evaluate": ["attention", "model", "data", "cell.py", "evaluate.py", "io.py", "provenance.py",
+                 "commands/evaluate.py"],
     "aggregate": ["tables.py", "io.py", "commands/aggregate.py"],
     "figures": ["figures", "io.py", "commands/plot.py"],
 }

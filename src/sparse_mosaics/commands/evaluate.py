@@ -23,7 +23,7 @@ def add_arguments(parser) -> None:
 
 def main(args) -> int:
     from ..evaluate import evaluate_cell
-    from ..train import load_cell
+    from ..cell import load_cell
 
     cell = load_cell(args.cell)
     evaluate_cell(cell, args.model, args.data, args.out, train_summary=args.train_summary,

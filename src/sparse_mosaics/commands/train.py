@@ -18,7 +18,8 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from ..train import load_cell, train_cell
+    from ..cell import load_cell
+    from ..train import train_cell
 
     cell = load_cell(args.cell)
     train_cell(cell, args.data, args.out, device=args.device, quiet=args.quiet)
