@@ -81,6 +81,16 @@ def _check_number(source, key, value, *, integer=False, minimum=None, strictly=F
         raise _cfg_error(source, key, f"must be {'>' if strictly else '>='} {minimum}, got {value!r}")
 
 
+def _with_defaults(source, name: str, section, defaults: dict) -> dict:
+    """The ``name`` section (a dict of known keys only) with the defaults filled in."""
+    if not isinstance(section, dict):
+        raise _cfg_error(source, name, f"must be an object, got {section!r}")
+    for key in section:
+        if key not in defaults:
+            raise _cfg_error(source, f"{name}.{key}", f"unknown key (valid: {', '.join(defaults)})")
+    return {**defaults, **section}
+
+
 def compile_backends() -> list[str]:
     """Names torch.compile accepts as ``backend=`` (torch._dynamo.list_backends, all tags)."""
     import torch._dynamo
@@ -168,14 +178,7 @@ def validate_cell(cell, source="cell config") -> dict:
                 raise _cfg_error(source, f"model.{key}", f"unknown MemoryMosaicConfig field (valid: {valid})")
 
     # train
-    train = cell["train"]
-    if not isinstance(train, dict):
-        raise _cfg_error(source, "train", f"must be an object, got {train!r}")
-    for key in train:
-        if key not in TRAIN_DEFAULTS:
-            raise _cfg_error(source, f"train.{key}", f"unknown key (valid: {', '.join(TRAIN_DEFAULTS)})")
-    train = {**TRAIN_DEFAULTS, **train}
-    cell["train"] = train
+    train = cell["train"] = _with_defaults(source, "train", cell["train"], TRAIN_DEFAULTS)
     t = lambda k: f"train.{k}"  # noqa: E731
     _check_number(source, t("batch_size"), train["batch_size"], integer=True, minimum=1)
     _check_number(source, t("lr"), train["lr"], minimum=0)
@@ -212,14 +215,7 @@ def validate_cell(cell, source="cell config") -> dict:
             raise _cfg_error(source, "model", str(e)) from None
 
     # eval
-    ev = cell.get("eval", {})
-    if not isinstance(ev, dict):
-        raise _cfg_error(source, "eval", f"must be an object, got {ev!r}")
-    for key in ev:
-        if key not in EVAL_DEFAULTS:
-            raise _cfg_error(source, f"eval.{key}", f"unknown key (valid: {', '.join(EVAL_DEFAULTS)})")
-    ev = {**EVAL_DEFAULTS, **ev}
-    cell["eval"] = ev
+    ev = cell["eval"] = _with_defaults(source, "eval", cell.get("eval", {}), EVAL_DEFAULTS)
     _check_number(source, "eval.batch_size", ev["batch_size"], integer=True, minimum=1)
     _check_number(source, "eval.max_examples_per_length", ev["max_examples_per_length"], integer=True, minimum=1, allow_none=True)
     _check_number(source, "eval.token_budget", ev["token_budget"], integer=True, minimum=1)
