@@ -28,6 +28,8 @@ LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
 CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("ties", m, 16, 70, 1, None) for m in ("top4_uniform", "top4_softmax")]
          + [("compiled", m, 16, 40, 1, "lens") for m in ("biweight", "relumax", "top4_softmax")]
+         + [("count2d", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
+         + [("count2d-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 
@@ -174,6 +176,15 @@ def _main(path):
                 r = _run_ties(method, D, T, shift)
             elif kind == "compiled":
                 r = _run_compiled(method, D, T, shift)
+            elif kind.startswith("count2d"):  # the per-element-counter variant of the top-K search
+                from sparse_mosaics.attention import fused
+
+                fused.TOPK_COUNT2D = True
+                try:
+                    r = _run_ties(method, D, T, shift) if kind.endswith("ties") else \
+                        _run_attention(method, D, T, shift, lens)
+                finally:
+                    fused.TOPK_COUNT2D = False
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
@@ -206,7 +217,7 @@ def interpreted(tmp_path_factory):
 def test_kernel_matches_reference(interpreted, case):
     r = interpreted[_case_id(case)]
     assert "error" not in r, r.get("error")
-    if case[0] == "ties":
+    if case[0].endswith("ties"):
         assert r["bad_rows"] == 0, r
         return
     errs = {k: v for k, v in r.items() if k != "empty_max"}

@@ -1,6 +1,6 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--count2d]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64, bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -48,4 +48,9 @@ def main(methods):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["biweight", "norm_relu"])
+    args = sys.argv[1:]
+    if "--count2d" in args:  # time the top-K search with per-element counters (fused.TOPK_COUNT2D)
+        args.remove("--count2d")
+        fused.TOPK_COUNT2D = True
+        print("tune: TOPK_COUNT2D = True", flush=True)
+    main(args[0].split(",") if args else ["biweight", "norm_relu"])

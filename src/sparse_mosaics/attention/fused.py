@@ -88,6 +88,11 @@ FP32_PRECISION = "tf32x3"
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
+# top-K pivot counting: False = a row reduction per pivot and tile (measured on the H200); True =
+# per-element counters reduced once per pass (fewer reductions, more registers; not yet measured
+# on a GPU: time both with docs/benchmarks/tune_configs.py --count2d before making it the default)
+TOPK_COUNT2D = False
+
 
 def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
     if kind in CONFIG_OVERRIDE:
@@ -154,7 +159,9 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages,
+        BLOCK_M=BM, BLOCK_N=BN,
+        COUNT2D=TOPK_COUNT2D and fam in (TOPK_SOFTMAX, TOPK_UNIFORM) and triton.cdiv(T, BN) < 2 ** 16,
+        num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist
 

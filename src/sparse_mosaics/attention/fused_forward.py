@@ -16,6 +16,7 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT2D: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -212,23 +213,45 @@ def _fwd_kernel(
                 p5 = lo + 5.0 * w
                 p6 = lo + 6.0 * w
                 p7 = lo + 7.0 * w
-                c1 = tl.zeros([BLOCK_M], tl.int32)
-                c2 = tl.zeros([BLOCK_M], tl.int32)
-                c3 = tl.zeros([BLOCK_M], tl.int32)
-                c4 = tl.zeros([BLOCK_M], tl.int32)
-                c5 = tl.zeros([BLOCK_M], tl.int32)
-                c6 = tl.zeros([BLOCK_M], tl.int32)
-                c7 = tl.zeros([BLOCK_M], tl.int32)
-                for start_n in range(0, n_hi, BLOCK_N):
-                    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                    s = tl.where(adm, s, ninf)
-                    c1 += tl.sum((s > p1[:, None]).to(tl.int32), 1)
-                    c2 += tl.sum((s > p2[:, None]).to(tl.int32), 1)
-                    c3 += tl.sum((s > p3[:, None]).to(tl.int32), 1)
-                    c4 += tl.sum((s > p4[:, None]).to(tl.int32), 1)
-                    c5 += tl.sum((s > p5[:, None]).to(tl.int32), 1)
-                    c6 += tl.sum((s > p6[:, None]).to(tl.int32), 1)
-                    c7 += tl.sum((s > p7[:, None]).to(tl.int32), 1)
+                if COUNT2D:
+                    # per-element counters, two pivots per int32 (16 bits each: at most T / BLOCK_N
+                    # tiles per row), reduced over the keys once per pass instead of once per tile
+                    a12 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+                    a34 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+                    a56 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+                    a7 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+                    for start_n in range(0, n_hi, BLOCK_N):
+                        s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                        s = tl.where(adm, s, ninf)
+                        a12 += (s > p1[:, None]).to(tl.int32) + ((s > p2[:, None]).to(tl.int32) << 16)
+                        a34 += (s > p3[:, None]).to(tl.int32) + ((s > p4[:, None]).to(tl.int32) << 16)
+                        a56 += (s > p5[:, None]).to(tl.int32) + ((s > p6[:, None]).to(tl.int32) << 16)
+                        a7 += (s > p7[:, None]).to(tl.int32)
+                    c1 = tl.sum(a12 & 0xFFFF, 1)
+                    c2 = tl.sum(a12 >> 16, 1)
+                    c3 = tl.sum(a34 & 0xFFFF, 1)
+                    c4 = tl.sum(a34 >> 16, 1)
+                    c5 = tl.sum(a56 & 0xFFFF, 1)
+                    c6 = tl.sum(a56 >> 16, 1)
+                    c7 = tl.sum(a7, 1)
+                else:
+                    c1 = tl.zeros([BLOCK_M], tl.int32)
+                    c2 = tl.zeros([BLOCK_M], tl.int32)
+                    c3 = tl.zeros([BLOCK_M], tl.int32)
+                    c4 = tl.zeros([BLOCK_M], tl.int32)
+                    c5 = tl.zeros([BLOCK_M], tl.int32)
+                    c6 = tl.zeros([BLOCK_M], tl.int32)
+                    c7 = tl.zeros([BLOCK_M], tl.int32)
+                    for start_n in range(0, n_hi, BLOCK_N):
+                        s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                        s = tl.where(adm, s, ninf)
+                        c1 += tl.sum((s > p1[:, None]).to(tl.int32), 1)
+                        c2 += tl.sum((s > p2[:, None]).to(tl.int32), 1)
+                        c3 += tl.sum((s > p3[:, None]).to(tl.int32), 1)
+                        c4 += tl.sum((s > p4[:, None]).to(tl.int32), 1)
+                        c5 += tl.sum((s > p5[:, None]).to(tl.int32), 1)
+                        c6 += tl.sum((s > p6[:, None]).to(tl.int32), 1)
+                        c7 += tl.sum((s > p7[:, None]).to(tl.int32), 1)
                 hit = tl.full([BLOCK_M], ninf, tl.float32)
                 hit = tl.where(c1 == topk, p1, hit)
                 hit = tl.where(c2 == topk, p2, hit)
