@@ -21,7 +21,6 @@ Backends:
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
@@ -103,14 +102,19 @@ def leaky_average_dense(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_FN: list = []  # [the Triton scan or None], filled on first use
+
+
 def _triton_fn():
-    """The Triton scan, or None when it cannot be imported (looked up once per process)."""
-    try:
-        from .leaky_average_triton import leaky_average_triton
-    except Exception:  # ImportError, or a Triton/driver error while importing
-        return None
-    return leaky_average_triton
+    """The Triton scan, or None when it cannot be imported (looked up once per process; a plain
+    memo rather than lru_cache, which torch.compile warns about)."""
+    if not _TRITON_FN:
+        try:
+            from .leaky_average_triton import leaky_average_triton
+        except Exception:  # ImportError, or a Triton/driver error while importing
+            leaky_average_triton = None
+        _TRITON_FN.append(leaky_average_triton)
+    return _TRITON_FN[0]
 
 
 def resolve_leaky_backend(device: torch.device, backend: str = "auto") -> str:

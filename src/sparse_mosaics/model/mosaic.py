@@ -220,6 +220,7 @@ class ContextMemory(nn.Module):
     def __init__(self, config: MemoryMosaicConfig):
         super().__init__()
         self.method = config.method
+        self.spec = get_method(config.method)  # resolved once (a cached lookup per call trips dynamo)
         self.backend = config.attention_backend
         self.shift = config.v_shift
         self.key = KeyFeaturizer(config, eps=EPS_CTX)
@@ -233,7 +234,7 @@ class ContextMemory(nn.Module):
         k = self.key(x) * _exp_beta(_f32(self.kernel_beta))              # (B, H, T, d) fp32
         v = self.value(x)                                                 # (B, H, T, d) fp32
         with torch.autocast(device_type=x.device.type, enabled=False):   # kernel regression in fp32
-            y = kernel_attention(k, k, v, self.method, shift=self.shift, lengths=lengths,
+            y = kernel_attention(k, k, v, self.spec, shift=self.shift, lengths=lengths,
                                  backend=self.backend)                    # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)                # heads side by side
         return self.resid_dropout(self.c_proj(y))
