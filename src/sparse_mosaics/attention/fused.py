@@ -136,6 +136,12 @@ def _params(spec: MethodSpec):
                 topk=int(spec.k) if spec.k is not None else 0)
 
 
+def _saved_outputs(fam: int, save: bool):
+    """(o2, of) needed for the backward: o2 = the entmax / relumax second moment, norm_relu's fp32
+    output; of = relumax's fp32 output (relumax needs both)."""
+    return save and fam in (ENTMAX, RELUMAX, NORM_RELU), save and fam == RELUMAX
+
+
 def _launch_forward(q, k, v, prm, shift, lengths, save):
     B, H, T, D = q.shape
     DV = v.shape[-1]
@@ -146,9 +152,8 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
     fam = prm["fam"]
-    need_o2 = save and fam in (ENTMAX, RELUMAX, NORM_RELU)
+    need_o2, need_of = _saved_outputs(fam, save)
     o2 = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_o2 else st
-    need_of = save and fam == RELUMAX  # norm_relu keeps its fp32 output in o2, relumax needs both
     of = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_of else o2
     lens = lengths if lengths is not None else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
@@ -236,12 +241,6 @@ class _FusedAttention(torch.autograd.Function):
 # Under torch.compile the launches are torch.library custom ops instead: opaque nodes of one graph
 # (no graph break, CUDA-graph capturable), with the backward op reached through register_autograd.
 # Outputs a family does not need are empty tensors (custom ops return no None).
-def _needs(method: str, save: bool):
-    fam = FAMILY_CODE[get_method(method).family]
-    need_o2 = save and fam in (ENTMAX, RELUMAX, NORM_RELU)
-    return need_o2, save and fam == RELUMAX
-
-
 @torch.library.custom_op("sparse_mosaics::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str, shift: int,
                    lengths: torch.Tensor | None, save: bool
@@ -254,7 +253,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: st
 def _(q, k, v, method, shift, lengths, save):
     B, H, T, _ = q.shape
     DV = v.shape[-1]
-    need_o2, need_of = _needs(method, save)
+    need_o2, need_of = _saved_outputs(FAMILY_CODE[get_method(method).family], save)
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty((B, H, T, DV), dtype=v.dtype),
             torch.empty((B * H, T, DV) if need_o2 else (0,), **f32),
