@@ -1,6 +1,6 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--count2d]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--counters=tile|element|float] [--fwd-only]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64, bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -17,7 +17,7 @@ FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
 BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 1)]
 
 
-def main(methods):
+def main(methods, fwd_only=False):
     B, H, T, D = 32, 8, 4096, 64
     q, k, v = make_inputs(B, H, T, D, torch.bfloat16, seed=1)
     go = torch.randn_like(q)
@@ -33,7 +33,7 @@ def main(methods):
             except Exception as e:
                 print(f"tune {m:14s} fwd {cfg}: ERROR {e!r}"[:300], flush=True)
         fused.CONFIG_OVERRIDE.clear()
-        for cfg in BWD:
+        for cfg in [] if fwd_only else BWD:
             fused.CONFIG_OVERRIDE["bwd"] = cfg
 
             def step():
@@ -49,8 +49,10 @@ def main(methods):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if "--count2d" in args:  # time the top-K search with per-element counters (fused.TOPK_COUNT2D)
-        args.remove("--count2d")
-        fused.TOPK_COUNT2D = True
-        print("tune: TOPK_COUNT2D = True", flush=True)
-    main(args[0].split(",") if args else ["biweight", "norm_relu"])
+    for a in [a for a in args if a.startswith("--counters=")]:  # the top-K counter variant
+        args.remove(a)
+        fused.TOPK_COUNTERS = a.split("=", 1)[1]
+        print(f"tune: TOPK_COUNTERS = {fused.TOPK_COUNTERS}", flush=True)
+    fwd_only = "--fwd-only" in args
+    args = [a for a in args if a != "--fwd-only"]
+    main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only)

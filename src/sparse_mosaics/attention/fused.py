@@ -24,8 +24,9 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  it is Michelot's algorithm). For n in {2, 3, 4} the passes also sum d^(n-2) and
                  take Halley steps (cubic; one or two passes fewer; a step that lands right of the
                  root is followed by Newton steps, which land left of it); a block stops as soon as every row's step is below
-                 max(1e-3, 1e-6 |m|) (the support of z has unit width, so this is scale-free;
-                 quadratic convergence leaves an error ~ step^2 ~ 1e-6).  Last
+                 max(h, 1e-6 |m|) (the support of z has unit width, so this is scale-free), with
+                 h = 1e-3 for fp32 inputs and sparsemax (tau to ~1e-6) and 1e-2 (Halley) / 3e-3
+                 (Newton) for 16-bit inputs (tau to ~1e-4, below their rounding; ``_newton_tol``).  Last
                  pass: output, normalised by Z = sum p (= 1 up to the tolerance) so weights sum to 1.
                  Integer n in {1, 2, 3, 4} use multiplications; other n exp2/log2.
                  Backward (entmax Jacobian): with u = p^(2-alpha) = d^(n-1) / Z^(2-alpha),
@@ -88,10 +89,12 @@ FP32_PRECISION = "tf32x3"
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-# top-K pivot counting: False = a row reduction per pivot and tile (measured on the H200); True =
-# per-element counters reduced once per pass (fewer reductions, more registers; not yet measured
-# on a GPU: time both with docs/benchmarks/tune_configs.py --count2d before making it the default)
-TOPK_COUNT2D = False
+# top-K pivot counting: "tile" = int32 row sums per pivot and tile (measured on the H200);
+# "element" = per-element int32 counters reduced once per pass (fewer reductions, more registers);
+# "float" = fp32 row sums per tile (float adds at twice the int32 rate). Time them with
+# docs/benchmarks/tune_configs.py --counters=... before changing the default.
+TOPK_COUNTERS = "tile"
+_COUNTER_CODE = {"tile": 0, "element": 1, "float": 2}
 
 
 def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
@@ -111,6 +114,21 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
         # fwd+bwd norm_relu 12.40 ms with (64, 64, 4, 3) vs 12.61 with (64, 64, 4, 2); relumax 12.11 vs 12.37
         return (64, 64, 4, 3) if one_pass else (64, 64, 4, 2)
     return (64, 32, 4, 2)
+
+
+def _newton_tol(nint: int, dtype: torch.dtype) -> float:
+    """Smallest entmax step that ends the threshold search (with max(., 1e-6 |m|), scale-free: the
+    support of z = a s has unit width).
+
+    The error left after a final step of size h is ~h^2 (Newton) or ~h^3 (Halley, n in {2, 3, 4});
+    fp32 inputs keep 1e-3 (tau to ~1e-6). For 16-bit inputs, whose outputs are rounded at ~4e-3,
+    Halley stops at 1e-2 and generic-n Newton at 3e-3: tau to ~1e-4 (measured on random scores:
+    at most 7e-5 for alpha = 1.5), one pass fewer for alpha = 1.5. n = 1 (sparsemax) keeps 1e-3:
+    its steps are exact support updates and a looser stop leaves errors of the step's size.
+    """
+    if dtype == torch.float32 or nint == 1:
+        return 1e-3
+    return 1e-2 if nint >= 2 else 3e-3
 
 
 def _interpreting() -> bool:
@@ -134,6 +152,17 @@ def _params(spec: MethodSpec):
     return dict(fam=fam, a_scale=a, n_exp=n, inv_n=a, two_m_alpha=2.0 - alpha,
                 nint=_integer_exponent(alpha) if fam == ENTMAX else 1,
                 topk=int(spec.k) if spec.k is not None else 0)
+
+
+def _counter_mode(fam: int, T: int, BN: int) -> int:
+    """The top-K counter variant (TOPK_COUNTERS) as the kernel's COUNTERS code; "element" packs two
+    16-bit counters per int32, so it needs fewer than 2^16 key tiles."""
+    if fam not in (TOPK_SOFTMAX, TOPK_UNIFORM):
+        return 0
+    if TOPK_COUNTERS not in _COUNTER_CODE:
+        raise ValueError(f"fused.TOPK_COUNTERS must be one of {sorted(_COUNTER_CODE)}, got {TOPK_COUNTERS!r}")
+    code = _COUNTER_CODE[TOPK_COUNTERS]
+    return 0 if code == 1 and triton.cdiv(T, BN) >= 2 ** 16 else code
 
 
 def _saved_outputs(fam: int, save: bool):
@@ -161,11 +190,12 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
+        _newton_tol(prm["nint"], q.dtype),
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN,
-        COUNT2D=TOPK_COUNT2D and fam in (TOPK_SOFTMAX, TOPK_UNIFORM) and triton.cdiv(T, BN) < 2 ** 16,
+        COUNTERS=_counter_mode(fam, T, BN),
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

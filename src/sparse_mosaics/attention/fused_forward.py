@@ -12,11 +12,11 @@ from .fused_tiles import _load_rows, _pow_n, _pow_n1, _pow_n2, _root_excess, _ro
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, O2, OF, ST, IS, LENS,
-    T, H, BH, shift, a_scale, n_exp, inv_n, topk,
+    T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COUNT2D: tl.constexpr,
+    COUNTERS: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -68,7 +68,7 @@ def _fwd_kernel(
             mz = tl.maximum(mz, tl.max(tl.where(adm, s * a_scale, ninf), 1))
         mz = tl.where(nonempty, mz, 0.0)
         tau = mz - 1.0
-        tol = tl.maximum(1e-3, tl.abs(mz) * 1e-6)  # quadratic convergence: next error ~ step^2
+        tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)  # next error ~ step^2 (Newton), ~ step^3 (Halley)
         active = nonempty
         it = 0
         go = tl.max(active.to(tl.int32), 0) > 0
@@ -213,7 +213,7 @@ def _fwd_kernel(
                 p5 = lo + 5.0 * w
                 p6 = lo + 6.0 * w
                 p7 = lo + 7.0 * w
-                if COUNT2D:
+                if COUNTERS == 1:
                     # per-element counters, two pivots per int32 (16 bits each: at most T / BLOCK_N
                     # tiles per row), reduced over the keys once per pass instead of once per tile
                     a12 = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
@@ -234,6 +234,33 @@ def _fwd_kernel(
                     c5 = tl.sum(a56 & 0xFFFF, 1)
                     c6 = tl.sum(a56 >> 16, 1)
                     c7 = tl.sum(a7, 1)
+                elif COUNTERS == 2:
+                    # fp32 counters (exact below 2^24), per-tile row sums: float adds run at twice
+                    # the int32 rate on Hopper
+                    f1 = tl.zeros([BLOCK_M], tl.float32)
+                    f2 = tl.zeros([BLOCK_M], tl.float32)
+                    f3 = tl.zeros([BLOCK_M], tl.float32)
+                    f4 = tl.zeros([BLOCK_M], tl.float32)
+                    f5 = tl.zeros([BLOCK_M], tl.float32)
+                    f6 = tl.zeros([BLOCK_M], tl.float32)
+                    f7 = tl.zeros([BLOCK_M], tl.float32)
+                    for start_n in range(0, n_hi, BLOCK_N):
+                        s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                        s = tl.where(adm, s, ninf)
+                        f1 += tl.sum(tl.where(s > p1[:, None], 1.0, 0.0), 1)
+                        f2 += tl.sum(tl.where(s > p2[:, None], 1.0, 0.0), 1)
+                        f3 += tl.sum(tl.where(s > p3[:, None], 1.0, 0.0), 1)
+                        f4 += tl.sum(tl.where(s > p4[:, None], 1.0, 0.0), 1)
+                        f5 += tl.sum(tl.where(s > p5[:, None], 1.0, 0.0), 1)
+                        f6 += tl.sum(tl.where(s > p6[:, None], 1.0, 0.0), 1)
+                        f7 += tl.sum(tl.where(s > p7[:, None], 1.0, 0.0), 1)
+                    c1 = f1.to(tl.int32)
+                    c2 = f2.to(tl.int32)
+                    c3 = f3.to(tl.int32)
+                    c4 = f4.to(tl.int32)
+                    c5 = f5.to(tl.int32)
+                    c6 = f6.to(tl.int32)
+                    c7 = f7.to(tl.int32)
                 else:
                     c1 = tl.zeros([BLOCK_M], tl.int32)
                     c2 = tl.zeros([BLOCK_M], tl.int32)
