@@ -16,6 +16,8 @@ def _bwd_tile(s, adm, offs_n, dp, st0, st1, st2, ist, rowc, qq, kk, a_scale, n_e
     """Weights p and score gradient ds of one (BM, BN) tile from the saved row statistics.
 
     rowc: per-row constant of the Jacobian (delta = dO.o, or c = dO.o2 for entmax).
+    Row normalisers enter as per-row reciprocals: one division per row instead of an IEEE division
+    per weight (the tile's most expensive instruction otherwise).
     For norm_relu ds is the gradient wrt x = 1 - |q|^2 - |k|^2 + 2 s (the kernels apply the chain
     rule), for relumax it includes the path through the row max (to the argmax key).
     """
@@ -24,7 +26,7 @@ def _bwd_tile(s, adm, offs_n, dp, st0, st1, st2, ist, rowc, qq, kk, a_scale, n_e
         ds = p * (dp - rowc[:, None])
     elif FAMILY == 1:
         d = tl.where(adm, tl.maximum(s * a_scale - st0[:, None], 0.0), 0.0)
-        p = _pow_n(d, n_exp, NINT) / st1[:, None]
+        p = _pow_n(d, n_exp, NINT) * (1.0 / st1)[:, None]
         uf = tl.exp2(-two_m_alpha * tl.log2(st1))       # Z^-(2 - alpha)
         u = _pow_n1(d, n_exp, NINT) * uf[:, None]
         ds = u * (dp - rowc[:, None])
@@ -34,21 +36,22 @@ def _bwd_tile(s, adm, offs_n, dp, st0, st1, st2, ist, rowc, qq, kk, a_scale, n_e
         ds = p * (dp - rowc[:, None])
     elif FAMILY == 3:
         sel = adm & ((s > st1[:, None]) | ((s == st1[:, None]) & (offs_n[None, :] < ist[:, None])))
-        p = tl.where(sel, 1.0 / st0[:, None], 0.0)
+        p = tl.where(sel, (1.0 / st0)[:, None], 0.0)
         ds = p * 0.0
     elif FAMILY == 4:
         x = 1.0 - qq[:, None] - kk[None, :] + 2.0 * s
         pos = adm & (x > 0)
         unif = st0 == 0                                   # every weight 0: uniform, st2 = |A_i|
-        lsafe = tl.where(unif, 1.0, st0)
-        p = tl.where(unif[:, None], tl.where(adm, 1.0 / st2[:, None], 0.0),
-                     tl.where(pos, x / lsafe[:, None], 0.0))
-        ds = tl.where(pos & (~unif[:, None]), (dp - rowc[:, None]) / lsafe[:, None], 0.0)
+        inv = 1.0 / tl.where(unif, 1.0, st0)
+        p = tl.where(unif[:, None], tl.where(adm, (1.0 / st2)[:, None], 0.0),
+                     tl.where(pos, x * inv[:, None], 0.0))
+        ds = tl.where(pos & (~unif[:, None]), (dp - rowc[:, None]) * inv[:, None], 0.0)
     else:
         w = 1.0 + s - st0[:, None]
         pos = adm & (w > 0)
-        p = tl.where(pos, w / st1[:, None], 0.0)
-        g = tl.where(pos, (dp - rowc[:, None]) / st1[:, None], 0.0)
+        inv = 1.0 / st1
+        p = tl.where(pos, w * inv[:, None], 0.0)
+        g = tl.where(pos, (dp - rowc[:, None]) * inv[:, None], 0.0)
         ds = g - tl.where(offs_n[None, :] == ist[:, None], st2[:, None], 0.0)
     return p, ds
 
