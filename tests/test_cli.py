@@ -35,6 +35,7 @@ def test_unknown_command_is_an_error(capsys):
     (["--methods", "softmax,top0_softmax"], "--methods: "),
     (["--cells", "icll512,icll9"], "unknown --cells value(s) ['icll9']"),
     (["--shapes", "4096x"], "--shapes must be comma-separated TxD pairs"),
+    (["--compile", "reduce-overheads"], "--compile: unknown Inductor mode 'reduce-overheads' (valid: "),
 ])
 def test_bench_bad_arguments_name_the_option(args, message, capsys):
     """Checked before anything needs a GPU, so the error is the same on CPU-only machines."""

@@ -297,10 +297,19 @@ def test_loss_decreases(tmp_path_factory):
 
 
 def test_compile_values():
+    from sparse_mosaics.cell import compile_backend, compile_kwargs, uses_cuda_graphs
+
     assert validate_cell(make_cell())["train"]["compile"] is False
-    for value in (True, False, "aot_eager", "inductor"):
+    for value in (True, False, "aot_eager", "inductor", "reduce-overhead", "max-autotune-no-cudagraphs"):
         assert validate_cell(make_cell(compile=value))["train"]["compile"] == value
-    with pytest.raises(CommandError, match=r"'train.compile': unknown torch.compile backend 'inductr' \(available: .*aot_eager"):
+    assert compile_kwargs(False) is None and compile_kwargs(True) == {}
+    assert compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert compile_kwargs("aot_eager") == {"backend": "aot_eager"}
+    assert compile_backend("reduce-overhead") == "inductor" and compile_backend("aot_eager") == "aot_eager"
+    assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune") and uses_cuda_graphs("cudagraphs")
+    assert not any(uses_cuda_graphs(v) for v in (False, True, "aot_eager", "max-autotune-no-cudagraphs"))
+    with pytest.raises(CommandError, match=r"'train.compile': unknown torch.compile backend or mode 'inductr' "
+                                           r"\(backends: .*aot_eager.*; modes: .*reduce-overhead"):
         validate_cell(make_cell(compile="inductr"))
     with pytest.raises(CommandError, match=r"'train.compile': must be false, true .* got 1"):
         validate_cell(make_cell(compile=1))
@@ -376,3 +385,31 @@ def test_bench_train_times_eager_and_compiled(monkeypatch):
     calls.clear()
     bench.run_train(quick=True, log=lambda s: None)
     assert [c[3] for c in calls] == [False] * len(bench.METHODS)
+
+
+@pytest.mark.parametrize("method", ("softmax", "biweight"))
+def test_padding_to_a_multiple_keeps_the_loss_and_gradients(method):
+    """Under CUDA-graph compile modes batches are padded to multiples of 64 tokens: the model is
+    causal and pads are masked out, so the loss and its gradients are those of the tight batch."""
+    from sparse_mosaics.data import make_batch, task_vocab
+    from sparse_mosaics.model import MemoryMosaic, MemoryMosaicConfig
+    from sparse_mosaics.train import model_forward
+
+    v = task_vocab("copy")
+    rng = np.random.default_rng(0)
+    seqs = []
+    for n in (5, 9, 3):
+        src = rng.integers(0, 10, n).tolist()
+        seqs.append([v["bos"]] + src + [v["sep"]] + src + [v["eos"]])
+    torch.manual_seed(0)
+    model = MemoryMosaic(MemoryMosaicConfig(vocab_size=v["vocab_size"], n_layer=2, n_embd=32, n_head=2, pmem_size=16,
+                                            method=method, ic_dropout=0.0, hd_dropout=0.0))
+    out = []
+    for pm in (1, 64):
+        b = make_batch(seqs, v, pad_multiple=pm)
+        assert b["x"].shape[1] == (20 if pm == 1 else 64)
+        _, loss = model_forward(model, b)
+        out.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ Covered: all attention families (softmax through the fused kernel, entmax alpha 
 1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
 D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); exact
-top-K tie handling, also with the "element" and "float" counter variants of its search; fp16
+top-K tie handling and exact selection on long random rows; fp16
 inputs for entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
@@ -28,11 +28,8 @@ ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"))
 LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
 CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("ties", m, 16, 70, 1, None) for m in ("top4_uniform", "top4_softmax")]
+         + [("select", m, 16, 230, 1, None) for m in ("top16_uniform", "top4_softmax")]
          + [("compiled", m, 16, 40, 1, "lens") for m in ("biweight", "relumax", "top4_softmax")]
-         + [(f"counters={c}", m, 32, 48, 0, "short+empty") for c in ("element", "float")
-            for m in ("top4_softmax", "top4_uniform")]
-         + [(f"counters={c}-ties", m, 16, 70, 1, None) for c in ("element", "float")
-            for m in ("top4_softmax", "top4_uniform")]
          + [("fp16", m, 32, 48, 1, "short+empty") for m in ("biweight", "triweight", "entmax_1.7")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
@@ -91,9 +88,10 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
     return out
 
 
-def _run_ties(method, D, T, shift):
+def _run_ties(method, D, T, shift, ties=True):
     """Keys drawn from 5 distinct vectors: exact ties at the K-th score. Exactly min(K, |A_i|)
-    keys are kept: every strictly larger score, then the lowest-index tied keys."""
+    keys are kept: every strictly larger score, then the lowest-index tied keys. ties=False:
+    distinct random keys, long rows (the search's pivot placement and its two-score ending)."""
     import torch
 
     from sparse_mosaics.attention.fused import fused_attention
@@ -102,7 +100,8 @@ def _run_ties(method, D, T, shift):
     spec = get_method(method)
     g = torch.Generator().manual_seed(11)
     base = torch.randn(1, 1, 5, D, generator=g)
-    k = base[:, :, torch.randint(0, 5, (T,), generator=g)].contiguous()
+    k = base[:, :, torch.randint(0, 5, (T,), generator=g)].contiguous() if ties else \
+        torch.randn(1, 1, T, D, generator=g)
     q = torch.randn(1, 1, T, D, generator=g)
     v = torch.eye(T).view(1, 1, T, T).contiguous()                  # y[i, j] = p_ij
     p = fused_attention(q, k, v, spec, shift, None)[0, 0]
@@ -183,21 +182,12 @@ def _main(path):
         try:
             if kind == "leaky":
                 r = _run_leaky(D, T)
-            elif kind == "ties":
-                r = _run_ties(method, D, T, shift)
+            elif kind in ("ties", "select"):
+                r = _run_ties(method, D, T, shift, ties=kind == "ties")
             elif kind == "compiled":
                 r = _run_compiled(method, D, T, shift)
             elif kind == "fp16":
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
-            elif kind.startswith("counters="):  # the other counter variants of the top-K search
-                from sparse_mosaics.attention import fused
-
-                fused.TOPK_COUNTERS = kind.split("=")[1].removesuffix("-ties")
-                try:
-                    r = _run_ties(method, D, T, shift) if kind.endswith("ties") else \
-                        _run_attention(method, D, T, shift, lens)
-                finally:
-                    fused.TOPK_COUNTERS = "tile"
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
@@ -230,7 +220,7 @@ def interpreted(tmp_path_factory):
 def test_kernel_matches_reference(interpreted, case):
     r = interpreted[_case_id(case)]
     assert "error" not in r, r.get("error")
-    if case[0].endswith("ties"):
+    if case[0] in ("ties", "select"):
         assert r["bad_rows"] == 0, r
         return
     errs = {k: v for k, v in r.items() if k != "empty_max"}

@@ -33,7 +33,7 @@ def signature(fn, dtype, consts):
             sig[n] = "*i32"
         elif n in INTS:
             sig[n] = "i32"
-        elif n in ("a_scale", "n_exp", "inv_n", "two_m_alpha"):
+        elif n in ("a_scale", "n_exp", "inv_n", "two_m_alpha", "tol_step"):
             sig[n] = "fp32"
         else:
             sig[n] = "*" + dtype
@@ -59,11 +59,10 @@ def main():
         jobs = []
         fcfg = fused._config("fwd", D, False, fam)
         bcfg = fused._config("bwd", D, False, fam)
-        for save, counters in itertools.product((False, True), (0, 1, 2) if fam in (2, 3) else (0,)):
+        for save in (False, True):
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], COUNTERS=counters)
-            jobs.append(("fwd" + ("+save" if save else "") + (f"+counters{counters}" if counters else ""),
-                         fused._fwd_kernel, c, fcfg))
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1])
+            jobs.append(("fwd" + ("+save" if save else ""), fused._fwd_kernel, c, fcfg))
         c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
                  BLOCK_N=bcfg[1])
         jobs += [("dkdv", fused._bwd_dkdv_kernel, c, bcfg), ("dq", fused._bwd_dq_kernel, c, bcfg)]

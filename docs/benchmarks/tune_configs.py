@@ -1,6 +1,6 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--counters=tile|element|float] [--fwd-only]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64, bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -49,10 +49,6 @@ def main(methods, fwd_only=False):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    for a in [a for a in args if a.startswith("--counters=")]:  # the top-K counter variant
-        args.remove(a)
-        fused.TOPK_COUNTERS = a.split("=", 1)[1]
-        print(f"tune: TOPK_COUNTERS = {fused.TOPK_COUNTERS}", flush=True)
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
     main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only)

@@ -18,8 +18,9 @@ bench.csv / bench.parquet):
 * long    -- the same at T in {16384, 65536}, B=1, H=8, D=64 (ours and SDPA).
 * train   -- one AdamW training step of the length-generalisation cell (GPU.md table B) and of
              the ICLL cell (table A, T = 512 and 948) per method, with the project's MemoryMosaic;
-             with ``compile_model`` each step is timed eager (impl ``model_auto``) and with
-             torch.compile's default Inductor backend (impl ``model_auto_compile``) side by side.
+             with ``compile_model`` (an Inductor mode: "default", "reduce-overhead", ...) each step
+             is timed eager (impl ``model_auto``) and compiled (impl ``model_auto_compile``, or
+             ``model_auto_compile-<mode>`` for other modes) side by side.
 * eval    -- long-context evaluation forward of the length-generalisation model, batch 8,
              T in {1026, 2050, 4096, 8192, 16384}, per method.
 
@@ -313,8 +314,11 @@ def train_step_fn(model, fwd, opt, batch, T, amp):
     V = model.config.vocab_size
     idx = torch.randint(0, V, (batch, T), device="cuda")
     tgt = torch.randint(0, V, (batch, T), device="cuda")
+    graphs = fwd is not model
 
     def step():
+        if graphs:  # a new iteration for CUDA-graph modes (a no-op otherwise)
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             _, loss = fwd(idx, tgt)
         loss.backward()
@@ -325,7 +329,11 @@ def train_step_fn(model, fwd, opt, batch, T, amp):
 
 
 def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compile_model=False):
-    row = dict(section="train", impl=f"model_{backend}" + ("_compile" if compile_model else ""), method=method,
+    """compile_model: False (eager) or an Inductor mode ("default", "reduce-overhead", ...)."""
+    if compile_model is True:
+        compile_model = "default"
+    tag = "" if not compile_model else "_compile" + ("" if compile_model == "default" else f"-{compile_model}")
+    row = dict(section="train", impl=f"model_{backend}{tag}", method=method,
                cell=cell, B=batch, T=T, dtype="bf16-autocast" if amp else "fp32-tf32")
     try:
         torch.manual_seed(0)
@@ -336,7 +344,7 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
             # a fresh dynamo cache per model: otherwise the recompile limit (8 per code object) is
             # reached after a few methods and later "compiled" rows silently run eagerly
             torch._dynamo.reset()
-        fwd = torch.compile(model) if compile_model else model
+        fwd = torch.compile(model, mode=compile_model) if compile_model else model
         step = train_step_fn(model, fwd, opt, batch, T, amp)
         for _ in range(3):
             step()
@@ -365,7 +373,7 @@ def run_train(quick=False, budget=None, log=print, compile_model=False, referenc
               cells=None):
     """Training-step rows per cell x method x backend; ``compile_model``: eager and compiled rows both."""
     rows = []
-    compiled = (False, True) if compile_model else (False,)
+    compiled = (False, compile_model) if compile_model else (False,)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     all_cells = [("lengthgen", 256, 130, True), ("icll", 32, 512, False), ("icll", 32, 948, False)]
     if cells is not None:

@@ -38,7 +38,8 @@ TRAIN_DEFAULTS = {
     "eval_interval": 1000,
     "dtype": "auto",
     # torch.compile the forward of the training loop: false (eager), true (the default Inductor
-    # backend) or the name of a torch.compile backend ("inductor", "aot_eager", ...).
+    # backend), an Inductor mode ("reduce-overhead": CUDA graphs) or the name of a torch.compile
+    # backend ("inductor", "aot_eager", ...).
     "compile": False,
     "threads": 1,
 }
@@ -98,21 +99,52 @@ def compile_backends() -> list[str]:
     return sorted(torch._dynamo.list_backends(exclude_tags=()))
 
 
+def compile_modes() -> list[str]:
+    """torch.compile's Inductor modes ("reduce-overhead" = CUDA graphs, "max-autotune", ...)."""
+    import torch._inductor
+
+    return sorted(torch._inductor.list_mode_options())
+
+
 def compile_backend(value) -> str | None:
     """The torch.compile backend of a (validated) ``train.compile`` value; None = eager."""
     if value is False:
         return None
-    return "inductor" if value is True else value
+    return "inductor" if value is True or value in compile_modes() else value
+
+
+def compile_kwargs(value) -> dict | None:
+    """torch.compile keyword arguments of a (validated) ``train.compile`` value; None = eager.
+
+    true = {} (Inductor, default mode); an Inductor mode name = {"mode": name}; any other string
+    = {"backend": name}.
+    """
+    if value is False:
+        return None
+    if value is True:
+        return {}
+    return {"mode": value} if value in compile_modes() else {"backend": value}
+
+
+def uses_cuda_graphs(value) -> bool:
+    """Whether a ``train.compile`` value replays CUDA graphs (outputs are overwritten by the next
+    replay, and every new batch shape records a new graph)."""
+    import torch._inductor
+
+    modes = torch._inductor.list_mode_options()
+    return value == "cudagraphs" or (isinstance(value, str) and bool(modes.get(value, {}).get("triton.cudagraphs")))
 
 
 def _check_compile(source, key, value) -> None:
     if not isinstance(value, (bool, str)) or value == "":
-        raise _cfg_error(source, key, "must be false, true (torch.compile's default Inductor backend) or the name "
-                                      f"of a torch.compile backend such as \"aot_eager\", got {value!r}")
-    if isinstance(value, str):
+        raise _cfg_error(source, key, "must be false, true (torch.compile's default Inductor backend), an Inductor "
+                                      "mode such as \"reduce-overhead\" or the name of a torch.compile backend such "
+                                      f"as \"aot_eager\", got {value!r}")
+    if isinstance(value, str) and value not in compile_modes():
         backends = compile_backends()
         if value not in backends:
-            raise _cfg_error(source, key, f"unknown torch.compile backend {value!r} (available: {', '.join(backends)})")
+            raise _cfg_error(source, key, f"unknown torch.compile backend or mode {value!r} (backends: "
+                                          f"{', '.join(backends)}; modes: {', '.join(compile_modes())})")
 
 
 def model_config_fields() -> set | None:

@@ -11,8 +11,10 @@ The loop is nanoGPT's (SPEC.md §3c, "Training loop"), made resumable and bit-fo
   :func:`sparse_mosaics.data.make_batch`;
 - bf16 autocast on CUDA, fp32 on CPU (``train.dtype = "auto"``);
 - optionally ``torch.compile`` of the model's forward for the training loop (``train.compile``:
-  false, true = the default Inductor backend, or a backend name such as "aot_eager"); the Triton
-  kernels are ``torch.library`` custom ops under compile, so the model is one graph. Checkpoints and
+  false, true = the default Inductor backend, an Inductor mode such as "reduce-overhead" (CUDA
+  graphs: batches are then padded to multiples of 64 tokens, so few graphs are recorded), or a
+  backend name such as "aot_eager"); the Triton kernels are ``torch.library`` custom ops under
+  compile, so the model is one graph. Checkpoints and
   ``model.pt`` hold the uncompiled module's state dict, so resume and evaluation are unaffected;
 - seeded: ``torch.manual_seed(seed)`` before the model is built; the data order is a pure function
   of (seed, epoch) (:class:`DataOrder`); dropout draws from the global torch RNG, whose state is
@@ -54,7 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cell import compile_backend, resume_digest
+from .cell import compile_backend, compile_kwargs, resume_digest, uses_cuda_graphs
 from .errors import CommandError
 from .io import torch_save_atomic, write_json_atomic, write_parquet_atomic
 
@@ -425,9 +427,12 @@ def train_cell(
             if n != cell["size"]:
                 log(f"warning: the data folder has {n} training examples, the cell's size is {cell['size']}")
         backend = compile_backend(tc["compile"])
+        graphs = backend is not None and uses_cuda_graphs(tc["compile"])
+        pad_multiple = 64 if graphs else 1  # few distinct batch shapes: one graph is recorded per shape
         if backend is not None:
-            log(f"torch.compile on (backend {backend}): the first steps, and any new batch shape, compile first "
-                f"(tens of seconds on a GPU)")
+            mode = f", mode {tc['compile']}" if compile_kwargs(tc["compile"]).get("mode") else ""
+            log(f"torch.compile on (backend {backend}{mode}): the first steps, and any new batch shape, compile first "
+                f"(tens of seconds on a GPU)" + ("; batches padded to multiples of 64 tokens" if graphs else ""))
         if log.bar is not None:
             log.bar.n = state.step
             log.bar.refresh()
@@ -455,7 +460,7 @@ def train_cell(
 
         model.train()
         # The loop calls fwd; checkpoints and model.pt save model (no "_orig_mod." key prefixes).
-        fwd = model if backend is None else torch.compile(model, backend=backend)
+        fwd = model if backend is None else torch.compile(model, **compile_kwargs(tc["compile"]))
         ctx = autocast_context(dev, tc["dtype"])
         pending = []  # (step, loss tensor): checked for NaN/Inf at each flush (one sync per flush)
 
@@ -479,9 +484,11 @@ def train_cell(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order.batch(it)
-            batch = make_batch([train_set[int(i)] for i in idx], vocab)
+            batch = make_batch([train_set[int(i)] for i in idx], vocab, pad_multiple=pad_multiple)
             n_tok = int(batch["lengths"].sum())
             batch = batch_to_device(batch, dev)
+            if graphs:  # a new iteration: the previous replay's outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx:
                 _, loss = _compiled_forward(fwd, batch, backend)
             loss.backward()
@@ -490,7 +497,7 @@ def train_cell(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            pending.append((state.step, loss.detach()))
+            pending.append((state.step, loss.detach().clone() if graphs else loss.detach()))
             state.tokens += n_tok
             state.acc_tokens += n_tok
             log.progress(1)

@@ -36,9 +36,11 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  blocks where some row has every weight 0: uniform over A_i).
 * relumax     -- p ∝ relu(1 + s_ij - m_i), m_i = max_{A_i} s: a max (+argmax) pass, then the output
                  pass.  The gradient flows through m_i to the argmax key (as torch.max does).
-* topk_*      -- exact K-th largest admissible score per row: a min/max pass, then counting passes
-                 with 7 pivots each (#{s > p} at 7 evenly spaced values of the interval that holds
-                 the K-th score; a pivot with exactly K scores above it ends the row), then, for
+* topk_*      -- exact K-th largest admissible score per row: a min/max/moments pass, then counting
+                 passes with 5 pivots each (#{s > p} at 5 values inside the interval that holds the
+                 K-th score, placed where it is expected: a Gaussian quantile first, then linear
+                 interpolation of the counts; a pivot with exactly K scores above it ends the row,
+                 and so does an interval holding just the K-th and (K+1)-th scores), then, for
                  rows still open (ties at the K-th score, intervals at float resolution), bisection
                  snapped to actual scores (#{s >= t}, min{s >= t}, max{s < t}), which terminates
                  exactly; the output pass also finds the K-th and (K+1)-th largest scores, and the
@@ -89,25 +91,21 @@ FP32_PRECISION = "tf32x3"
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-# top-K pivot counting: "tile" = int32 row sums per pivot and tile (measured on the H200);
-# "element" = per-element int32 counters reduced once per pass (fewer reductions, more registers);
-# "float" = fp32 row sums per tile (float adds at twice the int32 rate). Time them with
-# docs/benchmarks/tune_configs.py --counters=... before changing the default.
-TOPK_COUNTERS = "tile"
-_COUNTER_CODE = {"tile": 0, "element": 1, "float": 2}
-
-
 def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
         return (32, 32, 1, 1)
     one_pass = fam in (NORM_RELU, RELUMAX)
-    # H200 sweeps (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16; h200_tune.log)
+    # H200 sweeps (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16; h200_tune.log,
+    # h200_s3a.log)
     if kind == "fwd":
         if head_dim <= 64:
             # biweight 10.2 ms at (128, 32, 4, 3) vs 11.0 at (64, 64, 4, 3); norm_relu 2.63 at
-            # (64, 32, 4, 3) vs 2.86 at (128, 32, 4, 3); relumax 3.94 vs 4.52
+            # (64, 32, 4, 3) vs 2.86 at (128, 32, 4, 3); relumax 3.94 vs 4.52; top-K (fp32
+            # counters) 17.4 at (64, 64, 4, 3) vs 18.7 at (128, 64, 8, 3) and 23.0 at (128, 32, 4, 3)
+            if fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
+                return (64, 64, 4, 3)
             return (64, 32, 4, 3) if one_pass else (128, 32, 4, 3)
         return (128, 32, 8, 2)
     if head_dim <= 64:
@@ -154,17 +152,6 @@ def _params(spec: MethodSpec):
                 topk=int(spec.k) if spec.k is not None else 0)
 
 
-def _counter_mode(fam: int, T: int, BN: int) -> int:
-    """The top-K counter variant (TOPK_COUNTERS) as the kernel's COUNTERS code; "element" packs two
-    16-bit counters per int32, so it needs fewer than 2^16 key tiles."""
-    if fam not in (TOPK_SOFTMAX, TOPK_UNIFORM):
-        return 0
-    if TOPK_COUNTERS not in _COUNTER_CODE:
-        raise ValueError(f"fused.TOPK_COUNTERS must be one of {sorted(_COUNTER_CODE)}, got {TOPK_COUNTERS!r}")
-    code = _COUNTER_CODE[TOPK_COUNTERS]
-    return 0 if code == 1 and triton.cdiv(T, BN) >= 2 ** 16 else code
-
-
 def _saved_outputs(fam: int, save: bool):
     """(o2, of) needed for the backward: o2 = the entmax / relumax second moment, norm_relu's fp32
     output; of = relumax's fp32 output (relumax needs both)."""
@@ -195,7 +182,6 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN,
-        COUNTERS=_counter_mode(fam, T, BN),
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

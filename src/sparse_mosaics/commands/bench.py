@@ -23,9 +23,10 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--budget", type=float, default=1e9,
                         help="stop starting new measurements after this many seconds (rows so far are kept)")
-    parser.add_argument("--compile", action="store_true",
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                         help="train section: time each training step twice, eager and with torch.compile "
-                             "(default Inductor backend; compiling adds tens of seconds per method)")
+                             "(Inductor in MODE: default, or reduce-overhead = CUDA graphs; compiling adds "
+                             "tens of seconds per method)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to measure (default: every method of the section)")
     parser.add_argument("--shapes", default=None,
@@ -61,6 +62,11 @@ def main(args) -> int:
         bad = [c for c in cells if c not in TRAIN_CELLS]
         if bad:
             raise CommandError(f"unknown --cells value(s) {bad}; valid: {', '.join(TRAIN_CELLS)}")
+    if args.compile is not None:
+        from ..cell import compile_modes
+
+        if args.compile not in compile_modes():
+            raise CommandError(f"--compile: unknown Inductor mode {args.compile!r} (valid: {', '.join(compile_modes())})")
     shapes = None
     if args.shapes:
         try:
@@ -77,7 +83,7 @@ def main(args) -> int:
     from ..bench import markdown_tables, run_bench
 
     rows = run_bench(quick=args.quick, sections=sections, budget_s=args.budget,
-                     log=lambda s: print(s, flush=True), compile_model=args.compile,
+                     log=lambda s: print(s, flush=True), compile_model=args.compile or False,
                      reference_model=args.reference_model, methods=methods, cells=cells, shapes=shapes)
     table = markdown_tables(rows)
     print(table)

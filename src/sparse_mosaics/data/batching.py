@@ -16,12 +16,14 @@ from __future__ import annotations
 import numpy as np
 
 
-def make_batch(seqs, vocab: dict, device=None) -> dict:
+def make_batch(seqs, vocab: dict, device=None, pad_multiple: int = 1) -> dict:
     """Collate full sequences into {x, y, loss_mask, lengths} torch tensors.
 
     seqs: list of 1-D int sequences (lists or arrays), each [bos] + src + [sep] + trg + [eos].
-    Returns x, y: (B, T) int64 with T = max(len(seq)) - 1, right-padded with vocab["pad"];
-    loss_mask: (B, T) bool; lengths: (B,) int64 = len(seq) - 1.
+    Returns x, y: (B, T) int64 with T = max(len(seq)) - 1 rounded up to a multiple of
+    ``pad_multiple``, right-padded with vocab["pad"]; loss_mask: (B, T) bool; lengths: (B,) int64
+    = len(seq) - 1. Extra padding changes no loss (the model is causal, pads are masked out) and
+    bounds the number of distinct batch shapes (one CUDA graph each under compile with graphs).
     """
     import torch
 
@@ -32,6 +34,7 @@ def make_batch(seqs, vocab: dict, device=None) -> dict:
     if lens.min() < 2:
         raise ValueError("make_batch: every sequence needs at least 2 tokens")
     B, T = len(seqs), int(lens.max()) - 1
+    T = -(-T // pad_multiple) * pad_multiple
     seq = np.full((B, T + 1), pad, dtype=np.int64)                  # (B, T+1)
     for i, s in enumerate(seqs):
         seq[i, : lens[i]] = np.asarray(s, dtype=np.int64)
