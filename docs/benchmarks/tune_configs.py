@@ -1,8 +1,8 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D]
 
-Times forward and forward+backward at B=32, H=8, T=4096, D=64, bf16 for a few (BLOCK_M, BLOCK_N,
+Times forward and forward+backward at B=32, H=8, T=4096, D=64 (or --shape), bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
 """
 
@@ -15,15 +15,19 @@ from sparse_mosaics.bench import _bench_ms, make_inputs
 
 FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
 BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 1)]
+# short rows (T ~ 130, the length-generalisation cell): small query blocks waste less of the last one
+FWD_SHORT = [(128, 32, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 2, 2), (64, 64, 4, 2)]
+BWD_SHORT = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 2, 2), (64, 32, 4, 2)]
 
 
-def main(methods, fwd_only=False):
-    B, H, T, D = 32, 8, 4096, 64
+def main(methods, fwd_only=False, shape=(32, 8, 4096, 64)):
+    B, H, T, D = shape
+    fwd_cfgs, bwd_cfgs = (FWD, BWD) if T > 512 else (FWD_SHORT, BWD_SHORT)
     q, k, v = make_inputs(B, H, T, D, torch.bfloat16, seed=1)
     go = torch.randn_like(q)
     for m in methods:
         spec = get_method(m)
-        for cfg in FWD:
+        for cfg in fwd_cfgs:
             fused.CONFIG_OVERRIDE.clear()
             fused.CONFIG_OVERRIDE["fwd"] = cfg
             try:
@@ -33,7 +37,7 @@ def main(methods, fwd_only=False):
             except Exception as e:
                 print(f"tune {m:14s} fwd {cfg}: ERROR {e!r}"[:300], flush=True)
         fused.CONFIG_OVERRIDE.clear()
-        for cfg in [] if fwd_only else BWD:
+        for cfg in [] if fwd_only else bwd_cfgs:
             fused.CONFIG_OVERRIDE["bwd"] = cfg
 
             def step():
@@ -51,4 +55,8 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
-    main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only)
+    shape = (32, 8, 4096, 64)
+    for a in [a for a in args if a.startswith("--shape=")]:
+        args.remove(a)
+        shape = tuple(int(x) for x in a.split("=", 1)[1].split(","))
+    main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only, shape)
