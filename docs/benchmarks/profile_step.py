@@ -86,7 +86,7 @@ def main():
     for cell in cells:
         for i, method in enumerate(methods):
             for variant in variants:
-                run(cell, method, variant, profile=profile and i == 0 and variant == "compile")
+                run(cell, method, variant, profile=profile and i == 0 and variant.startswith("compile"))
 
 
 if __name__ == "__main__":
