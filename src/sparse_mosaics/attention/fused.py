@@ -13,9 +13,10 @@ kept between passes and saved for the backward.
 
 Families (``spec.family``) and their passes over the keys of a query block:
 
-* softmax     -- SDPA (flash / cuDNN) when it can express the mask (no ``lengths``): queries
-                 q[:, :, shift:] against keys k[:, :, :T-shift] with is_causal, the first ``shift``
-                 rows 0. With ``lengths``: the Triton online-softmax kernel (one pass).
+* softmax     -- SDPA (flash / cuDNN) for 16-bit inputs when it can express the mask (no
+                 ``lengths``): queries q[:, :, shift:] against keys k[:, :, :T-shift] with
+                 is_causal, the first ``shift`` rows 0. With ``lengths`` or fp32 inputs: the Triton
+                 online-softmax kernel (one pass).
 * entmax      -- p_ij = [(a s_ij - tau_i)]_+^n / Z_i with a = alpha - 1, n = 1/a.  Pass 1: row max
                  m of z = a s (tau is in [m - 1, m)).  Newton passes on the n-th root
                  g(tau) = (sum_j [z_j - tau]_+^n)^(1/n) - 1, which is convex and decreasing, so
@@ -91,7 +92,7 @@ FP32_PRECISION = "tf32x3"
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
+def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, T: int | None = None):
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
@@ -106,6 +107,11 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
             # counters) 17.4 at (64, 64, 4, 3) vs 18.7 at (128, 64, 8, 3) and 23.0 at (128, 32, 4, 3)
             if fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
                 return (64, 64, 4, 3)
+            if fam == ENTMAX and T is not None and T <= 512:
+                # short rows (B=256, H=8, T=130, the length-generalisation cell): a 128-row block
+                # spends as long on the last 2 rows as on the first 128; epanechnikov 0.28 ms at
+                # (64, 32, 4, 3) vs 0.46 at (128, 32, 4, 3) (h200_s3c.log)
+                return (64, 32, 4, 3)
             return (64, 32, 4, 3) if one_pass else (128, 32, 4, 3)
         return (128, 32, 8, 2)
     if head_dim <= 64:
@@ -163,7 +169,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     DV = v.shape[-1]
     BH = B * H
     interp = _interpreting()
-    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"])
+    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"], T)
     o = torch.empty((B, H, T, DV), device=q.device, dtype=v.dtype)
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
@@ -342,7 +348,7 @@ def fused_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> 
 
 
 def triton_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) -> torch.Tensor:
-    """``backend="triton"``: SDPA for softmax without lengths, the fused kernels otherwise.
+    """``backend="triton"``: SDPA for 16-bit softmax without lengths, the fused kernels otherwise.
 
     Args:
         q, k: (B, H, T, D); v: (B, H, T, Dv); same dtype (fp16, bf16 or fp32).
@@ -359,7 +365,10 @@ def triton_attention(q, k, v, spec: MethodSpec, shift: int = 1, lengths=None) ->
     elif not (q.dtype == k.dtype == v.dtype):
         dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    if spec.family == "softmax" and lengths is None:
+    if spec.family == "softmax" and lengths is None and q.dtype != torch.float32:
+        # fp32 has no flash / cuDNN SDPA: its memory-efficient kernel (sm80 cutlass) made the fp32
+        # ICLL softmax step slower than every sparse method's (h200_s3c.log); the fused online
+        # softmax (tf32x3 dots) takes fp32 inputs instead
         return sdpa_softmax(q, k, v, shift)
     with torch.autocast(device_type=q.device.type, enabled=False):
         return fused_attention(q, k, v, spec, shift, lengths)
