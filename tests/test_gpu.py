@@ -139,7 +139,7 @@ def test_compiled_model_matches_eager(method):
 
 
 def test_training_with_cuda_graphs_matches_eager(tmp_path):
-    """train.compile: reduce-overhead (CUDA graphs; batches padded to multiples of 64 tokens) trains
+    """train.compile: reduce-overhead (CUDA graphs; batches padded to multiples of 16 tokens) trains
     the same model on the GPU as eager training: same curve and weights up to bf16 rounding."""
     import pandas as pd
     from test_train import _state, make_cell, write_data

@@ -389,7 +389,7 @@ def test_bench_train_times_eager_and_compiled(monkeypatch):
 
 @pytest.mark.parametrize("method", ("softmax", "biweight"))
 def test_padding_to_a_multiple_keeps_the_loss_and_gradients(method):
-    """Under CUDA-graph compile modes batches are padded to multiples of 64 tokens: the model is
+    """Under CUDA-graph compile modes batches are padded (train.GRAPH_PAD_MULTIPLE): the model is
     causal and pads are masked out, so the loss and its gradients are those of the tight batch."""
     from sparse_mosaics.data import make_batch, task_vocab
     from sparse_mosaics.model import MemoryMosaic, MemoryMosaicConfig
