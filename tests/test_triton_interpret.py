@@ -9,7 +9,8 @@ Covered: all attention families (softmax through the fused kernel, entmax alpha 
 1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
 D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); exact
-top-K tie handling and exact selection on long random rows; fp16
+top-K tie handling and exact selection on long random rows; the entmax threshold from
+candidates (fused.ENTMAX_CANDIDATES: with overflowing rows, and alone with the passes cut to one); fp16
 inputs for entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
@@ -31,6 +32,8 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("select", m, 16, 230, 1, None) for m in ("top16_uniform", "top4_softmax")]
          + [("compiled", m, 16, 40, 1, "lens") for m in ("biweight", "relumax", "top4_softmax")]
          + [("fp16", m, 32, 48, 1, "short+empty") for m in ("biweight", "triweight", "entmax_1.7")]
+         + [(f"cand{c}", m, 16, 70, 1, None) for c in (16, 64) for m in ("epanechnikov", "biweight", "entmax_1.7")]
+         + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("epanechnikov", "biweight")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 # 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
@@ -86,6 +89,28 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
     if lens is not None:  # the empty sample must give exact zeros (outputs and gradients)
         out["empty_max"] = float(max(y[1].abs().max(), grads[0][1].abs().max(), grads[1][1].abs().max()))
     return out
+
+
+def _run_candidates(method, D, T, shift, lens, slots, one_pass):
+    """fused.ENTMAX_CANDIDATES = slots: 16 leaves some rows with more candidates than slots (they
+    take the passes), 64 holds every row here. one_pass: fused.MAX_NEWTON = 1 lets the passes
+    stop after one step, so only rows solved from their candidates are exact; with the candidate
+    solve switched off the same run must be wrong ("control": more than 10 x TOL off)."""
+    from sparse_mosaics.attention import fused
+
+    old = fused.ENTMAX_CANDIDATES, fused.MAX_NEWTON
+    try:
+        fused.ENTMAX_CANDIDATES = slots
+        if one_pass:
+            fused.MAX_NEWTON = 1
+        r = _run_attention(method, D, T, shift, lens)
+        if one_pass:
+            fused.ENTMAX_CANDIDATES = 0
+            control = _run_attention(method, D, T, shift, lens)
+            r["control_ok"] = float(max(v for k, v in control.items() if k != "empty_max") > 10 * TOL)
+    finally:
+        fused.ENTMAX_CANDIDATES, fused.MAX_NEWTON = old
+    return r
 
 
 def _run_ties(method, D, T, shift, ties=True):
@@ -188,6 +213,8 @@ def _main(path):
                 r = _run_compiled(method, D, T, shift)
             elif kind == "fp16":
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
+            elif kind.startswith("cand"):  # the entmax threshold from candidates (ENTMAX_CANDIDATES)
+                r = _run_candidates(method, D, T, shift, lens, int(kind[4:].split("-")[0]), kind.endswith("1pass"))
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
@@ -223,6 +250,8 @@ def test_kernel_matches_reference(interpreted, case):
     if case[0] in ("ties", "select"):
         assert r["bad_rows"] == 0, r
         return
+    if "control_ok" in r:  # the check below can fail: without candidates one pass is not enough
+        assert r.pop("control_ok") == 1.0, r
     errs = {k: v for k, v in r.items() if k != "empty_max"}
     assert max(errs.values()) < (HALF_TOL if case[0] == "fp16" else TOL), r
     if "empty_max" in r:

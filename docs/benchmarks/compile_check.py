@@ -17,7 +17,7 @@ from triton.compiler import ASTSource
 
 from sparse_mosaics.attention import fused
 
-PTRS_F32 = {"O2", "OF", "ST", "RC"}
+PTRS_F32 = {"O2", "OF", "ST", "RC", "ZC"}
 PTRS_I32 = {"IS", "LENS"}
 INTS = {"T", "H", "BH", "shift", "topk"}
 
@@ -59,10 +59,11 @@ def main():
         jobs = []
         fcfg = fused._config("fwd", D, False, fam)
         bcfg = fused._config("bwd", D, False, fam)
-        for save in (False, True):
+        for save, cand in itertools.product((False, True), (0, 32) if fam == 1 else (0,)):
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1])
-            jobs.append(("fwd" + ("+save" if save else ""), fused._fwd_kernel, c, fcfg))
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand)
+            jobs.append(("fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else ""), fused._fwd_kernel,
+                         c, fcfg))
         c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
                  BLOCK_N=bcfg[1])
         jobs += [("dkdv", fused._bwd_dkdv_kernel, c, bcfg), ("dq", fused._bwd_dq_kernel, c, bcfg)]

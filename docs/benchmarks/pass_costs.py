@@ -1,7 +1,7 @@
 """What one pass over the keys costs: the fused forward timed with the iteration caps lowered
 (developer tool; the outputs at low caps are wrong, only the times are of interest).
 
-    PYTHONPATH=src python docs/benchmarks/pass_costs.py [methods]
+    PYTHONPATH=src python docs/benchmarks/pass_costs.py [methods] [--candidates=C]
 
 B=32, H=8, T=4096, D=64, bf16. Entmax: fused.MAX_NEWTON in 0..4 (0 = the max pass and the output
 pass only); top-K: fused.MAX_SELECT in 0..4 (0 = the min/max pass and the output pass). The
@@ -31,4 +31,9 @@ def main(methods):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1].split(",") if len(sys.argv) > 1 else ["epanechnikov", "biweight", "entmax_1.25", "top16_softmax"])
+    args = sys.argv[1:]
+    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_CANDIDATES
+        args.remove(a)
+        fused.ENTMAX_CANDIDATES = int(a.split("=", 1)[1])
+        print(f"passes: ENTMAX_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
+    main(args[0].split(",") if args else ["epanechnikov", "biweight", "entmax_1.25", "top16_softmax"])

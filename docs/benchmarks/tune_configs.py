@@ -1,6 +1,6 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D] [--candidates=C]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64 (or --shape), bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -53,6 +53,10 @@ def main(methods, fwd_only=False, shape=(32, 8, 4096, 64)):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_CANDIDATES
+        args.remove(a)
+        fused.ENTMAX_CANDIDATES = int(a.split("=", 1)[1])
+        print(f"tune: ENTMAX_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
     shape = (32, 8, 4096, 64)

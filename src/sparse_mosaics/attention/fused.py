@@ -29,6 +29,9 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  h = 1e-3 for fp32 inputs and sparsemax (tau to ~1e-6) and 1e-2 (Halley) / 3e-3
                  (Newton) for 16-bit inputs (tau to ~1e-4, below their rounding; ``_newton_tol``).  Last
                  pass: output, normalised by Z = sum p (= 1 up to the tolerance) so weights sum to 1.
+                 Opt-in (ENTMAX_CANDIDATES = C): after the max pass, one pass stores every
+                 z > m - 1 (a superset of the support, since tau >= m - 1) in C slots per row;
+                 rows with at most C candidates iterate on them in registers, skipping the passes.
                  Integer n in {1, 2, 3, 4} use multiplications; other n exp2/log2.
                  Backward (entmax Jacobian): with u = p^(2-alpha) = d^(n-1) / Z^(2-alpha),
                  ds_ij = u_ij (dp_ij - c_i), c_i = sum_j u_ij dp_ij / sum_j u_ij = dO_i . o2_i,
@@ -88,6 +91,13 @@ MAX_SELECT = 80  # top-K counting passes per phase at most (both phases end exac
 # Dot precision for fp32 inputs: "tf32x3" (three tf32 tensor-core products, ~fp32 accurate) or
 # "ieee" (exact fp32 FMAs, several times slower). bf16 / fp16 inputs always use the tensor cores.
 FP32_PRECISION = "tf32x3"
+
+# entmax threshold from candidates (opt-in, not yet timed on a GPU): 0 = the Newton / Halley passes
+# over all keys; a power of two C >= 16 = one extra pass writes every z > m - 1 (tau* >= m - 1, so
+# the support is among them) to C slots per row of an fp32 scratch of BH * T * C floats, rows with
+# at most C candidates solve tau on them in registers, the others take the passes. Sparsemax has
+# ~12 candidates on N(0, 1) scores at T = 4096 (6-7 passes become one); alpha = 1.5 ~130.
+ENTMAX_CANDIDATES = 0
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
@@ -158,6 +168,14 @@ def _params(spec: MethodSpec):
                 topk=int(spec.k) if spec.k is not None else 0)
 
 
+def _candidate_slots() -> int:
+    """ENTMAX_CANDIDATES, checked: 0 or a power of two >= 16 (a tl.arange length)."""
+    c = ENTMAX_CANDIDATES
+    if not isinstance(c, int) or (c != 0 and (c < 16 or c & (c - 1))):
+        raise ValueError(f"fused.ENTMAX_CANDIDATES must be 0 or a power of two >= 16, got {c!r}")
+    return c
+
+
 def _saved_outputs(fam: int, save: bool):
     """(o2, of) needed for the backward: o2 = the entmax / relumax second moment, norm_relu's fp32
     output; of = relumax's fp32 output (relumax needs both)."""
@@ -178,16 +196,18 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     o2 = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_o2 else st
     of = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_of else o2
     lens = lengths if lengths is not None else st
+    cand = _candidate_slots() if fam == ENTMAX else 0
+    zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(T, BM), BH)
     _fwd_kernel[grid](
-        q, k, v, o, o2, of, st, ist, lens,
+        q, k, v, o, o2, of, st, ist, lens, zc,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
         _newton_tol(prm["nint"], q.dtype),
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
-        BLOCK_M=BM, BLOCK_N=BN,
+        BLOCK_M=BM, BLOCK_N=BN, CAND=cand,
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

@@ -6,16 +6,17 @@ See ``fused`` for the per-family algorithms (the passes over the keys) and the s
 import triton
 import triton.language as tl
 
-from .fused_tiles import _load_rows, _pow_n, _pow_n1, _pow_n2, _root_excess, _root_n, _scores
+from .fused_tiles import _entmax_step, _load_rows, _pow_n, _pow_n1, _pow_n2, _scores
 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, O2, OF, ST, IS, LENS,
+    Q, K, V, O, O2, OF, ST, IS, LENS, ZC,
     T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAND: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -69,6 +70,40 @@ def _fwd_kernel(
         tau = mz - 1.0
         tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)  # next error ~ step^2 (Newton), ~ step^3 (Halley)
         active = nonempty
+        if CAND > 0:
+            # candidate pass: tau* >= m - 1, so every z > m - 1 (the support and then some) goes to
+            # the row's CAND slots of ZC (position = running count + prefix sum within the tile);
+            # rows with at most CAND candidates solve tau on them in registers, the others
+            # (overflow) take the passes below
+            cnt = tl.zeros([BLOCK_M], tl.int32)
+            for start_n in range(0, n_hi, BLOCK_N):
+                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+                zs = s * a_scale
+                c = adm & (zs > tau[:, None])
+                ci = c.to(tl.int32)
+                pos = cnt[:, None] + tl.cumsum(ci, 1) - 1
+                tl.store(ZC + st_row[:, None] * CAND + pos, zs, mask=c & (pos < CAND))
+                cnt += tl.sum(ci, 1)
+            solve = nonempty & (cnt <= CAND)
+            offs_c = tl.arange(0, CAND)
+            zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
+                         mask=solve[:, None] & (offs_c[None, :] < cnt[:, None]), other=ninf)
+            sact = solve
+            sit = 0
+            sgo = tl.max(sact.to(tl.int32), 0) > 0
+            while sgo:
+                d = tl.maximum(zt - tau[:, None], 0.0)
+                f = tl.sum(_pow_n(d, n_exp, NINT), 1)
+                f1 = tl.sum(_pow_n1(d, n_exp, NINT), 1)
+                f2 = f1
+                if NINT >= 2:
+                    f2 = tl.sum(_pow_n2(d, NINT), 1)
+                step = tl.where(sact & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
+                tau = tau + step
+                sact = sact & (tl.abs(step) > tol)
+                sit += 1
+                sgo = (tl.max(sact.to(tl.int32), 0) > 0) & (sit < 64)  # in registers: cheap
+            active = nonempty & (~solve)
         it = 0
         go = tl.max(active.to(tl.int32), 0) > 0
         while go:
@@ -82,16 +117,7 @@ def _fwd_kernel(
                 f1 += tl.sum(_pow_n1(d, n_exp, NINT), 1)
                 if NINT >= 2:
                     f2 += tl.sum(_pow_n2(d, NINT), 1)
-            f_safe = tl.where(f > 0, f, 1.0)
-            f1_safe = tl.where(f1 > 0, f1, 1.0)
-            step = _root_excess(f_safe, inv_n, NINT) / f1_safe
-            if NINT >= 2:
-                # Halley on g: step = newton / (1 - r), r = g g'' / (2 g'^2)
-                #   = (n - 1)(u - 1)(f f2 - f1^2) / (2 u f1^2),  u = f^(1/n)  (r >= 0 left of the root)
-                u = _root_n(f_safe, NINT)
-                r = (n_exp - 1.0) * (u - 1.0) * (f_safe * f2 - f1_safe * f1_safe) / (2.0 * u * f1_safe * f1_safe)
-                step = tl.where((u > 1.0) & (r < 0.9), step / (1.0 - r), step)
-            step = tl.where(active & (f1 > 0), step, 0.0)
+            step = tl.where(active & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
             tau = tau + step
             active = active & (tl.abs(step) > tol)
             it += 1

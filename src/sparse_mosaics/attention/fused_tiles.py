@@ -96,3 +96,22 @@ def _root_excess(f, inv_n, NINT: tl.constexpr):
     else:
         r = f - tl.exp2((1.0 - inv_n) * tl.log2(f))
     return r
+
+
+@triton.jit
+def _entmax_step(f, f1, f2, n_exp, inv_n, NINT: tl.constexpr):
+    """The threshold step from f = sum d^n, f1 = sum d^(n-1), f2 = sum d^(n-2), d = [z - tau]_+.
+
+    Newton on the convex, decreasing g(tau) = f^(1/n) - 1: step = (f - f^(1 - 1/n)) / f1. For
+    n in {2, 3, 4} Halley's correction step / (1 - r), r = g g'' / (2 g'^2)
+    = (n - 1)(u - 1)(f f2 - f1^2) / (2 u f1^2) with u = f^(1/n), taken left of the root (u > 1)
+    where r < 0.9. Rows with f1 = 0 get a meaningless step: the caller masks them.
+    """
+    f_safe = tl.where(f > 0, f, 1.0)
+    f1_safe = tl.where(f1 > 0, f1, 1.0)
+    step = _root_excess(f_safe, inv_n, NINT) / f1_safe
+    if NINT >= 2:
+        u = _root_n(f_safe, NINT)
+        r = (n_exp - 1.0) * (u - 1.0) * (f_safe * f2 - f1_safe * f1_safe) / (2.0 * u * f1_safe * f1_safe)
+        step = tl.where((u > 1.0) & (r < 0.9), step / (1.0 - r), step)
+    return step
