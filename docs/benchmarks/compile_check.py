@@ -1,6 +1,6 @@
 """Compile every fused attention kernel for an sm_90 target without a GPU (developer tool).
 
-    PYTHONPATH=src python docs/benchmarks/compile_check.py [family names, comma-separated]
+    PYTHONPATH=src python docs/benchmarks/compile_check.py [family names, comma-separated] [head dims, e.g. 16,64]
 
 Runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for each family, forward
 (with and without the backward statistics) and both backward kernels, at the default block sizes.
@@ -53,7 +53,8 @@ def main():
             "relumax": (5, 1)}
     if len(sys.argv) > 1:  # a comma-separated subset of the names above
         fams = {k: fams[k] for k in sys.argv[1].split(",")}
-    for (name, (fam, nint)), D, dtype, lens in itertools.product(fams.items(), (16, 64, 128), ("bf16", "fp32"),
+    dims = tuple(int(d) for d in sys.argv[2].split(",")) if len(sys.argv) > 2 else (16, 64, 128)
+    for (name, (fam, nint)), D, dtype, lens in itertools.product(fams.items(), dims, ("bf16", "fp32"),
                                                                 (False, True)):
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []

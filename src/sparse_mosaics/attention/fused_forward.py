@@ -6,7 +6,8 @@ See ``fused`` for the per-family algorithms (the passes over the keys) and the s
 import triton
 import triton.language as tl
 
-from .fused_tiles import _entmax_step, _load_rows, _pow_n, _pow_n1, _pow_n2, _scores
+from .fused_threshold import _entmax_threshold, _topk_threshold
+from .fused_tiles import _load_rows, _pow_n, _pow_n1, _scores
 
 
 @triton.jit
@@ -62,66 +63,8 @@ def _fwd_kernel(
         tl.store(ST + st_row, lse2, mask=row_ok)
 
     elif FAMILY == 1:  # ---------------------------------------------- alpha-entmax
-        mz = tl.full([BLOCK_M], ninf, tl.float32)
-        for start_n in range(0, n_hi, BLOCK_N):
-            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            mz = tl.maximum(mz, tl.max(tl.where(adm, s * a_scale, ninf), 1))
-        mz = tl.where(nonempty, mz, 0.0)
-        tau = mz - 1.0
-        tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)  # next error ~ step^2 (Newton), ~ step^3 (Halley)
-        active = nonempty
-        if CAND > 0:
-            # candidate pass: tau* >= m - 1, so every z > m - 1 (the support and then some) goes to
-            # the row's CAND slots of ZC (position = running count + prefix sum within the tile);
-            # rows with at most CAND candidates solve tau on them in registers, the others
-            # (overflow) take the passes below
-            cnt = tl.zeros([BLOCK_M], tl.int32)
-            for start_n in range(0, n_hi, BLOCK_N):
-                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                zs = s * a_scale
-                c = adm & (zs > tau[:, None])
-                ci = c.to(tl.int32)
-                pos = cnt[:, None] + tl.cumsum(ci, 1) - 1
-                tl.store(ZC + st_row[:, None] * CAND + pos, zs, mask=c & (pos < CAND))
-                cnt += tl.sum(ci, 1)
-            solve = nonempty & (cnt <= CAND)
-            offs_c = tl.arange(0, CAND)
-            zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
-                         mask=solve[:, None] & (offs_c[None, :] < cnt[:, None]), other=ninf)
-            sact = solve
-            sit = 0
-            sgo = tl.max(sact.to(tl.int32), 0) > 0
-            while sgo:
-                d = tl.maximum(zt - tau[:, None], 0.0)
-                f = tl.sum(_pow_n(d, n_exp, NINT), 1)
-                f1 = tl.sum(_pow_n1(d, n_exp, NINT), 1)
-                f2 = f1
-                if NINT >= 2:
-                    f2 = tl.sum(_pow_n2(d, NINT), 1)
-                step = tl.where(sact & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
-                tau = tau + step
-                sact = sact & (tl.abs(step) > tol)
-                sit += 1
-                sgo = (tl.max(sact.to(tl.int32), 0) > 0) & (sit < 64)  # in registers: cheap
-            active = nonempty & (~solve)
-        it = 0
-        go = tl.max(active.to(tl.int32), 0) > 0
-        while go:
-            f = tl.zeros([BLOCK_M], tl.float32)
-            f1 = tl.zeros([BLOCK_M], tl.float32)
-            f2 = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, n_hi, BLOCK_N):
-                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                d = tl.where(adm, tl.maximum(s * a_scale - tau[:, None], 0.0), 0.0)
-                f += tl.sum(_pow_n(d, n_exp, NINT), 1)
-                f1 += tl.sum(_pow_n1(d, n_exp, NINT), 1)
-                if NINT >= 2:
-                    f2 += tl.sum(_pow_n2(d, NINT), 1)
-            step = tl.where(active & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
-            tau = tau + step
-            active = active & (tl.abs(step) > tol)
-            it += 1
-            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+        tau = _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n,
+                                tol_step, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N, CAND)
         z = tl.zeros([BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
         u = tl.zeros([BLOCK_M], tl.float32)
@@ -207,179 +150,8 @@ def _fwd_kernel(
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
     else:  # ----------------------------------------------------------- top-K (2: softmax, 3: uniform)
-        # pass 1: max, min and the first two moments of the admissible scores
-        m = tl.full([BLOCK_M], ninf, tl.float32)
-        mn = tl.full([BLOCK_M], float("inf"), tl.float32)
-        ssum = tl.zeros([BLOCK_M], tl.float32)
-        ssq = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, n_hi, BLOCK_N):
-            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            m = tl.maximum(m, tl.max(tl.where(adm, s, ninf), 1))
-            mn = tl.minimum(mn, tl.min(tl.where(adm, s, float("inf")), 1))
-            sa = tl.where(adm, s, 0.0)
-            ssum += tl.sum(sa, 1)
-            ssq += tl.sum(sa * sa, 1)
-        n_adm = tl.maximum(last + 1, 0)
-        need = n_adm > topk                       # rows that really select
-        thr = tl.full([BLOCK_M], ninf, tl.float32)  # final selection threshold (select s > thr ...)
-        jcut = tl.full([BLOCK_M], 2147483647, tl.int32)  # ... or s == thr and j < jcut
-        # phase 1, counting at 5 pivots per pass: theta (the K-th largest score) is in (lo, up],
-        # with c(t) = #{s > t}, c_lo = c(lo) >= K > c(up) = c_up. The pivots sit where theta is
-        # expected (only the speed depends on the guess; the bracket logic is exact): first at the
-        # Gaussian quantile mu + sd z(K / |A_i|) of the row's scores, then by linear interpolation
-        # of the counts inside the bracket, spread over ~2 / sqrt(c_lo - c_up) of its width. A
-        # pivot with exactly K scores above it ends the row; so does a bracket holding exactly two
-        # scores (c_lo = K + 1, c_up = K - 1) if they differ: the smaller is the (K+1)-th, exactly K
-        # lie above it. Rows whose bracket reaches float resolution (ties at theta) go on to the
-        # snapped bisection of phase 2. Counters are fp32 (exact below 2^24; float adds run at
-        # twice the int32 rate on Hopper: 1.6x faster than int32 counters on the H200).
-        lo = tl.where(need, mn - (tl.abs(mn) * 2.4e-7 + 1e-30), 0.0)
-        up = tl.where(need, m + (tl.abs(m) * 2.4e-7 + 1e-30), 0.0)
-        if tl.max(need.to(tl.int32), 0) > 0:
-            c_lo = n_adm.to(tl.float32)
-            c_up = tl.zeros([BLOCK_M], tl.float32)
-            kf = topk * 1.0
-            nf = tl.maximum(c_lo, 1.0)
-            mu = ssum / nf
-            sd = tl.sqrt(tl.maximum(ssq / nf - mu * mu, 0.0))
-            # upper-tail normal quantile of (K - 1/2) / n (Abramowitz & Stegun 26.2.23, p <= 1/2)
-            tq = tl.sqrt(-2.0 * tl.log(tl.minimum((kf - 0.5) / nf, 0.5)))
-            zq = tq - (2.515517 + tq * (0.802853 + tq * 0.010328)) / \
-                (1.0 + tq * (1.432788 + tq * (0.189269 + tq * 0.001308)))
-            cen = mu + sd * zq
-            spread = 0.3 * sd
-            active = need
-            it = 0
-            go = tl.max(active.to(tl.int32), 0) > 0
-            while go:
-                r = tl.maximum(c_lo - c_up, 1.0)
-                cen_i = lo + (c_lo - kf + 0.5) / r * (up - lo)
-                spread_i = (up - lo) * tl.minimum(2.0 / tl.sqrt(r), 0.5)
-                cen = tl.where(it > 0, cen_i, cen)
-                spread = tl.where(it > 0, spread_i, spread)
-                p1 = tl.minimum(tl.maximum(cen - spread * 0.6666667, lo), up)
-                p2 = tl.minimum(tl.maximum(cen - spread * 0.3333333, lo), up)
-                p3 = tl.minimum(tl.maximum(cen, lo), up)
-                p4 = tl.minimum(tl.maximum(cen + spread * 0.3333333, lo), up)
-                p5 = tl.minimum(tl.maximum(cen + spread * 0.6666667, lo), up)
-                c1 = tl.zeros([BLOCK_M], tl.float32)
-                c2 = tl.zeros([BLOCK_M], tl.float32)
-                c3 = tl.zeros([BLOCK_M], tl.float32)
-                c4 = tl.zeros([BLOCK_M], tl.float32)
-                c5 = tl.zeros([BLOCK_M], tl.float32)
-                amin = tl.full([BLOCK_M], float("inf"), tl.float32)   # min, max of s in (lo, up]
-                bmax = tl.full([BLOCK_M], ninf, tl.float32)
-                for start_n in range(0, n_hi, BLOCK_N):
-                    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                    s = tl.where(adm, s, ninf)
-                    c1 += tl.sum(tl.where(s > p1[:, None], 1.0, 0.0), 1)
-                    c2 += tl.sum(tl.where(s > p2[:, None], 1.0, 0.0), 1)
-                    c3 += tl.sum(tl.where(s > p3[:, None], 1.0, 0.0), 1)
-                    c4 += tl.sum(tl.where(s > p4[:, None], 1.0, 0.0), 1)
-                    c5 += tl.sum(tl.where(s > p5[:, None], 1.0, 0.0), 1)
-                    inb = (s > lo[:, None]) & (s <= up[:, None])
-                    amin = tl.minimum(amin, tl.min(tl.where(inb, s, float("inf")), 1))
-                    bmax = tl.maximum(bmax, tl.max(tl.where(inb, s, ninf), 1))
-                # two scores in the bracket: the threshold halfway between them (strictly, so that
-                # it is no score and s > thr keeps exactly the K above it)
-                mid2 = amin * 0.5 + bmax * 0.5
-                hit = tl.where((c_lo - c_up == 2.0) & (amin < mid2) & (mid2 < bmax), mid2, ninf)
-                hit = tl.where(c1 == kf, p1, hit)
-                hit = tl.where(c2 == kf, p2, hit)
-                hit = tl.where(c3 == kf, p3, hit)
-                hit = tl.where(c4 == kf, p4, hit)
-                hit = tl.where(c5 == kf, p5, hit)
-                # counts fall with the pivot: the last pivot with c >= K and the first with c < K
-                nlo = tl.where(c1 >= kf, p1, lo)
-                nclo = tl.where(c1 >= kf, c1, c_lo)
-                nlo = tl.where(c2 >= kf, p2, nlo)
-                nclo = tl.where(c2 >= kf, c2, nclo)
-                nlo = tl.where(c3 >= kf, p3, nlo)
-                nclo = tl.where(c3 >= kf, c3, nclo)
-                nlo = tl.where(c4 >= kf, p4, nlo)
-                nclo = tl.where(c4 >= kf, c4, nclo)
-                nlo = tl.where(c5 >= kf, p5, nlo)
-                nclo = tl.where(c5 >= kf, c5, nclo)
-                nup = tl.where(c5 < kf, p5, up)
-                ncup = tl.where(c5 < kf, c5, c_up)
-                nup = tl.where(c4 < kf, p4, nup)
-                ncup = tl.where(c4 < kf, c4, ncup)
-                nup = tl.where(c3 < kf, p3, nup)
-                ncup = tl.where(c3 < kf, c3, ncup)
-                nup = tl.where(c2 < kf, p2, nup)
-                ncup = tl.where(c2 < kf, c2, ncup)
-                nup = tl.where(c1 < kf, p1, nup)
-                ncup = tl.where(c1 < kf, c1, ncup)
-                done = active & (hit > ninf)
-                thr = tl.where(done, hit, thr)
-                lo = tl.where(active, nlo, lo)
-                up = tl.where(active, nup, up)
-                c_lo = tl.where(active, nclo, c_lo)
-                c_up = tl.where(active, ncup, c_up)
-                fine = (up - lo) <= (tl.abs(lo) + tl.abs(up)) * 1e-6 + 1e-30
-                active = active & (~done) & (~fine)
-                it += 1
-                go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
-        # phase 2 (rare: ties at theta, or a bracket too narrow for pivots): bisection snapped
-        # to actual scores, invariant theta in [lo, up], clo = #{s >= lo} >= K
-        clo = n_adm
-        active = need & (thr == ninf)
-        it = 0
-        go = tl.max(active.to(tl.int32), 0) > 0
-        while go:
-            mid = lo * 0.5 + up * 0.5
-            mid = tl.where(mid > lo, mid, up)
-            cnt = tl.zeros([BLOCK_M], tl.int32)
-            amin = tl.full([BLOCK_M], float("inf"), tl.float32)
-            bmax = tl.full([BLOCK_M], ninf, tl.float32)
-            for start_n in range(0, n_hi, BLOCK_N):
-                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                ge = adm & (s >= mid[:, None])
-                cnt += tl.sum(ge.to(tl.int32), 1)
-                amin = tl.minimum(amin, tl.min(tl.where(ge, s, float("inf")), 1))
-                bmax = tl.maximum(bmax, tl.max(tl.where(adm & (s < mid[:, None]), s, ninf), 1))
-            ok = cnt >= topk
-            exact = active & (cnt == topk)
-            # exactly K scores >= mid: threshold halfway between the K-th (amin) and (K+1)-th (bmax)
-            bsafe = tl.where(bmax > ninf, bmax, amin)
-            asafe = tl.where(amin < float("inf"), amin, bsafe)
-            half = asafe * 0.5 + bsafe * 0.5
-            half = tl.where(half < asafe, half, bsafe)  # s > half keeps asafe, drops bsafe
-            thr = tl.where(exact, half, thr)
-            jcut = tl.where(exact & (half == bsafe), 0, jcut)  # thr is a score: no tied key kept
-            lo_new = tl.where(ok, amin, lo)
-            clo = tl.where(active & ok, cnt, clo)
-            up = tl.where(active & (~ok), bmax, up)
-            lo = tl.where(active, lo_new, lo)
-            active = active & (~exact) & (up > lo)
-            it += 1
-            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
-        # rows that collapsed onto a tied value theta = lo with #{s >= theta} > K
-        tie = need & (clo > topk) & (thr == ninf)
-        thr = tl.where(tie, lo, thr)
-        if tl.max(tie.to(tl.int32), 0) > 0:
-            cgt = tl.zeros([BLOCK_M], tl.int32)
-            for start_n in range(0, n_hi, BLOCK_N):
-                s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                cgt += tl.sum((adm & (s > thr[:, None])).to(tl.int32), 1)
-            want = topk - cgt                     # tied keys to keep, lowest index first
-            jlo = tl.zeros([BLOCK_M], tl.int32)   # #{tied, j < jlo} < want
-            jhi = last + 1                        # #{tied, j < jhi} >= want
-            tact = tie
-            tgo = tl.max(tact.to(tl.int32), 0) > 0
-            while tgo:
-                jm = (jlo + jhi) // 2
-                ceq = tl.zeros([BLOCK_M], tl.int32)
-                for start_n in range(0, n_hi, BLOCK_N):
-                    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-                    eq = adm & (s == thr[:, None]) & (offs_n[None, :] < jm[:, None])
-                    ceq += tl.sum(eq.to(tl.int32), 1)
-                enough = ceq >= want
-                jhi = tl.where(tact & enough, jm, jhi)
-                jlo = tl.where(tact & (~enough), jm, jlo)
-                tact = tact & (jhi - jlo > 1)
-                tgo = tl.max(tact.to(tl.int32), 0) > 0
-            jcut = tl.where(tie, jhi, jcut)
+        m, thr, jcut, need, tie = _topk_threshold(q, k_base, last, n_hi, T, topk, D, BD, PREC, MAXIT,
+                                                  BLOCK_M, BLOCK_N)
         # output pass over the selected keys; it also finds the K-th and (K+1)-th largest scores
         # around thr, so the saved threshold is their midpoint (robust to recomputation)
         l = tl.zeros([BLOCK_M], tl.float32)
