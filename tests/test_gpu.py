@@ -41,19 +41,21 @@ def test_bf16_d128(method):
     _check(method, 128, torch.bfloat16, 1, False, "normal", 256)
 
 
-@pytest.mark.parametrize("method", ("epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7"))
-def test_entmax_threshold_from_candidates(method):
-    """fused.ENTMAX_CANDIDATES (opt-in): the threshold solved on the candidates z > m - 1 gives the
-    reference's outputs and gradients (bf16 and fp32; rows with more candidates take the passes)."""
+@pytest.mark.parametrize("method", ("epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7",
+                                    "top16_softmax", "top16_uniform"))
+def test_threshold_from_candidates(method):
+    """fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES (opt-in): thresholds solved on the candidates give
+    the reference's outputs and gradients (bf16 and fp32; rows that do not fit take the passes)."""
     from sparse_mosaics.attention import fused
 
-    old = fused.ENTMAX_CANDIDATES
-    fused.ENTMAX_CANDIDATES = 32
+    old = fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES
+    fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES = 32, 64
     try:
         _check(method, 64, torch.bfloat16, 1, True, "mosaic", 600)
         _check(method, 16, torch.float32, 1, False, "mosaic", 333)
+        _check(method, 64, torch.bfloat16, 0, False, "normal", 1024)
     finally:
-        fused.ENTMAX_CANDIDATES = old
+        fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES = old
 
 
 def test_fused_softmax_with_lengths():

@@ -9,8 +9,9 @@ Covered: all attention families (softmax through the fused kernel, entmax alpha 
 1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
 D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); exact
-top-K tie handling and exact selection on long random rows; the entmax threshold from
-candidates (fused.ENTMAX_CANDIDATES: with overflowing rows, and alone with the passes cut to one); fp16
+top-K tie handling and exact selection on long random rows; the entmax and top-K
+thresholds from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES: with rows that do not fit,
+with ties, and alone with the searches cut to one pass); fp16
 inputs for entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
@@ -34,6 +35,9 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("fp16", m, 32, 48, 1, "short+empty") for m in ("biweight", "triweight", "entmax_1.7")]
          + [(f"cand{c}", m, 16, 70, 1, None) for c in (16, 64) for m in ("epanechnikov", "biweight", "entmax_1.7")]
          + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("epanechnikov", "biweight")]
+         + [("cand32-select", m, 16, 230, 1, None) for m in ("top4_softmax", "top16_uniform")]
+         + [("cand64-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
+         + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 # 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
@@ -91,25 +95,37 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
     return out
 
 
-def _run_candidates(method, D, T, shift, lens, slots, one_pass):
-    """fused.ENTMAX_CANDIDATES = slots: 16 leaves some rows with more candidates than slots (they
-    take the passes), 64 holds every row here. one_pass: fused.MAX_NEWTON = 1 lets the passes
-    stop after one step, so only rows solved from their candidates are exact; with the candidate
-    solve switched off the same run must be wrong ("control": more than 10 x TOL off)."""
+def _run_candidates(method, D, T, shift, lens, slots, mode):
+    """The threshold from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES = slots). Entmax:
+    16 slots leave some rows with more candidates than slots (they take the passes), 64 hold
+    every row here; top-K at T = 230 with 32 slots: the Gaussian guess of t0 fits some rows and
+    misses others. mode "select" / "ties": exact selection (``_run_ties``); "1pass": the searches
+    cut to one pass (MAX_NEWTON / MAX_SELECT = 1), so only rows solved from their candidates are
+    exact; the same run without candidates must be wrong ("control": more than 10 x TOL off)."""
     from sparse_mosaics.attention import fused
+    from sparse_mosaics.attention.registry import get_method
 
-    old = fused.ENTMAX_CANDIDATES, fused.MAX_NEWTON
+    topk = get_method(method).family.startswith("topk")
+    flag, cap = ("TOPK_CANDIDATES", "MAX_SELECT") if topk else ("ENTMAX_CANDIDATES", "MAX_NEWTON")
+    old = getattr(fused, flag), getattr(fused, cap)
+
+    def run():
+        if mode in ("select", "ties"):
+            return _run_ties(method, D, T, shift, ties=mode == "ties")
+        return _run_attention(method, D, T, shift, lens)
+
     try:
-        fused.ENTMAX_CANDIDATES = slots
-        if one_pass:
-            fused.MAX_NEWTON = 1
-        r = _run_attention(method, D, T, shift, lens)
-        if one_pass:
-            fused.ENTMAX_CANDIDATES = 0
-            control = _run_attention(method, D, T, shift, lens)
+        setattr(fused, flag, slots)
+        if mode == "1pass":
+            setattr(fused, cap, 1)
+        r = run()
+        if mode == "1pass":
+            setattr(fused, flag, 0)
+            control = run()
             r["control_ok"] = float(max(v for k, v in control.items() if k != "empty_max") > 10 * TOL)
     finally:
-        fused.ENTMAX_CANDIDATES, fused.MAX_NEWTON = old
+        setattr(fused, flag, old[0])
+        setattr(fused, cap, old[1])
     return r
 
 
@@ -213,8 +229,9 @@ def _main(path):
                 r = _run_compiled(method, D, T, shift)
             elif kind == "fp16":
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
-            elif kind.startswith("cand"):  # the entmax threshold from candidates (ENTMAX_CANDIDATES)
-                r = _run_candidates(method, D, T, shift, lens, int(kind[4:].split("-")[0]), kind.endswith("1pass"))
+            elif kind.startswith("cand"):  # the thresholds from candidates (ENTMAX_ / TOPK_CANDIDATES)
+                slots, _, mode = kind[4:].partition("-")
+                r = _run_candidates(method, D, T, shift, lens, int(slots), mode)
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
@@ -247,7 +264,7 @@ def interpreted(tmp_path_factory):
 def test_kernel_matches_reference(interpreted, case):
     r = interpreted[_case_id(case)]
     assert "error" not in r, r.get("error")
-    if case[0] in ("ties", "select"):
+    if case[0] in ("ties", "select") or case[0].endswith(("-ties", "-select")):
         assert r["bad_rows"] == 0, r
         return
     if "control_ok" in r:  # the check below can fail: without candidates one pass is not enough

@@ -32,8 +32,8 @@ def main(methods):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_CANDIDATES
+    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_ / TOPK_CANDIDATES
         args.remove(a)
-        fused.ENTMAX_CANDIDATES = int(a.split("=", 1)[1])
-        print(f"passes: ENTMAX_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
+        fused.ENTMAX_CANDIDATES = fused.TOPK_CANDIDATES = int(a.split("=", 1)[1])
+        print(f"passes: ENTMAX_CANDIDATES = TOPK_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
     main(args[0].split(",") if args else ["epanechnikov", "biweight", "entmax_1.25", "top16_softmax"])

@@ -53,10 +53,10 @@ def main(methods, fwd_only=False, shape=(32, 8, 4096, 64)):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_CANDIDATES
+    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_ / TOPK_CANDIDATES
         args.remove(a)
-        fused.ENTMAX_CANDIDATES = int(a.split("=", 1)[1])
-        print(f"tune: ENTMAX_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
+        fused.ENTMAX_CANDIDATES = fused.TOPK_CANDIDATES = int(a.split("=", 1)[1])
+        print(f"tune: ENTMAX_CANDIDATES = TOPK_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
     shape = (32, 8, 4096, 64)

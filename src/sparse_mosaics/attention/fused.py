@@ -52,6 +52,8 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  Tie rule: if several scores equal the K-th largest value, all strictly larger ones
                  are kept plus the lowest-index tied ones, so exactly min(K, |A_i|) keys are kept
                  (found by a bisection on the index cut, only in blocks that have a tie).
+                 Opt-in (TOPK_CANDIDATES = C): one pass stores the scores above a guess t0 in C
+                 slots per row; rows with K + 1 to C of them find theta in registers.
                  topk_softmax: softmax over the selected keys; topk_uniform: 1/min(K, |A_i|) each,
                  no gradient to q, k (piecewise constant in the scores).
 
@@ -98,6 +100,11 @@ FP32_PRECISION = "tf32x3"
 # at most C candidates solve tau on them in registers, the others take the passes. Sparsemax has
 # ~12 candidates on N(0, 1) scores at T = 4096 (6-7 passes become one); alpha = 1.5 ~130.
 ENTMAX_CANDIDATES = 0
+# top-K threshold from candidates (opt-in, not yet timed on a GPU): 0 = the counting search; a
+# power of two C >= 16 (and > K) = after the min/max pass, one pass stores the scores above a
+# Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2 of them) in C slots per row; rows with K + 1 to
+# C candidates find the K-th and (K+1)-th largest among them in registers, the others search.
+TOPK_CANDIDATES = 0
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
@@ -168,12 +175,16 @@ def _params(spec: MethodSpec):
                 topk=int(spec.k) if spec.k is not None else 0)
 
 
-def _candidate_slots() -> int:
-    """ENTMAX_CANDIDATES, checked: 0 or a power of two >= 16 (a tl.arange length)."""
-    c = ENTMAX_CANDIDATES
+def _candidate_slots(fam: int, topk: int) -> int:
+    """The candidate slots per row of a family (ENTMAX_CANDIDATES, TOPK_CANDIDATES), checked: 0 or a
+    power of two >= 16 (a tl.arange length); 0 for top-K when no row could fit K + 1 candidates."""
+    name = {ENTMAX: "ENTMAX_CANDIDATES", TOPK_SOFTMAX: "TOPK_CANDIDATES", TOPK_UNIFORM: "TOPK_CANDIDATES"}.get(fam)
+    if name is None:
+        return 0
+    c = globals()[name]
     if not isinstance(c, int) or (c != 0 and (c < 16 or c & (c - 1))):
-        raise ValueError(f"fused.ENTMAX_CANDIDATES must be 0 or a power of two >= 16, got {c!r}")
-    return c
+        raise ValueError(f"fused.{name} must be 0 or a power of two >= 16, got {c!r}")
+    return 0 if fam != ENTMAX and c < topk + 1 else c
 
 
 def _saved_outputs(fam: int, save: bool):
@@ -196,7 +207,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     o2 = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_o2 else st
     of = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_of else o2
     lens = lengths if lengths is not None else st
-    cand = _candidate_slots() if fam == ENTMAX else 0
+    cand = _candidate_slots(fam, prm["topk"])
     zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(T, BM), BH)

@@ -150,8 +150,8 @@ def _fwd_kernel(
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 
     else:  # ----------------------------------------------------------- top-K (2: softmax, 3: uniform)
-        m, thr, jcut, need, tie = _topk_threshold(q, k_base, last, n_hi, T, topk, D, BD, PREC, MAXIT,
-                                                  BLOCK_M, BLOCK_N)
+        m, thr, jcut, need, tie = _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D, BD, PREC,
+                                                  MAXIT, BLOCK_M, BLOCK_N, CAND)
         # output pass over the selected keys; it also finds the K-th and (K+1)-th largest scores
         # around thr, so the saved threshold is their midpoint (robust to recomputation)
         l = tl.zeros([BLOCK_M], tl.float32)

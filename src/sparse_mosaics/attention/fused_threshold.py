@@ -2,8 +2,9 @@
 
 * ``_entmax_threshold``: tau of alpha-entmax, p = [z - tau]_+^n / Z, z = (alpha - 1) s: a max pass,
   the optional candidate pass (fused.ENTMAX_CANDIDATES), then Newton / Halley passes over the keys.
-* ``_topk_threshold``: the exact K-th largest admissible score: a min / max / moments pass, counting
-  passes at 5 placed pivots, the snapped bisection for what remains, the index cut for ties.
+* ``_topk_threshold``: the exact K-th largest admissible score: a min / max / moments pass, the
+  optional candidate pass (fused.TOPK_CANDIDATES), counting passes at 5 placed pivots, the snapped
+  bisection for what remains, the index cut for ties.
 
 Both stream the key blocks of one block of BLOCK_M query rows (``_scores``) and keep only per-row
 vectors between passes; the forward kernel then runs its output pass with what they return.
@@ -12,7 +13,7 @@ vectors between passes; the forward kernel then runs its output pass with what t
 import triton
 import triton.language as tl
 
-from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _scores
+from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _scores, _upper_normal_quantile
 
 
 @triton.jit
@@ -86,8 +87,9 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
 
 
 @triton.jit
-def _topk_threshold(q, k_base, last, n_hi, T, topk, D: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr,
-                    MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr, BD: tl.constexpr,
+                    PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    CAND: tl.constexpr):
     """(m, thr, jcut, need, tie), all (BLOCK_M,): the row max m; keys with s > thr, or s == thr and
     index < jcut, are exactly the min(K, |A_i|) selected ones (need: |A_i| > K, the rows that
     select; tie: rows whose K-th score is tied, resolved by the index cut jcut)."""
@@ -120,20 +122,54 @@ def _topk_threshold(q, k_base, last, n_hi, T, topk, D: tl.constexpr, BD: tl.cons
     # twice the int32 rate on Hopper: 1.6x faster than int32 counters on the H200).
     lo = tl.where(need, mn - (tl.abs(mn) * 2.4e-7 + 1e-30), 0.0)
     up = tl.where(need, m + (tl.abs(m) * 2.4e-7 + 1e-30), 0.0)
-    if tl.max(need.to(tl.int32), 0) > 0:
+    kf = topk * 1.0
+    nf = tl.maximum(n_adm.to(tl.float32), 1.0)
+    mu = ssum / nf
+    sd = tl.sqrt(tl.maximum(ssq / nf - mu * mu, 0.0))
+    pending = need
+    if CAND > 0:
+        # candidate pass (fused.TOPK_CANDIDATES): every s > t0 goes to the row's CAND slots of ZC,
+        # t0 placed (Gaussian fit of the row; below the minimum when |A_i| <= CAND) so that about
+        # (K + 1 + CAND) / 2 scores lie above it. A row with K + 1 <= count <= CAND holds its K + 1
+        # largest scores there: theta_K, theta_K+1 = the smallest candidates with at most K - 1,
+        # resp. K, candidates above them; if exactly K are >= theta_K (no tie), the threshold is
+        # their midpoint. Rows with count = K take t0 itself. Every other row (t0 guessed wrong,
+        # ties at theta) takes the search below.
+        t0 = mu + sd * _upper_normal_quantile(tl.minimum((kf + 1.0 + CAND) * 0.5 / nf, 0.5))
+        t0 = tl.where(n_adm <= CAND, lo, t0)
+        cnt = tl.zeros([BLOCK_M], tl.int32)
+        for start_n in range(0, n_hi, BLOCK_N):
+            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+            c = adm & (s > t0[:, None])
+            ci = c.to(tl.int32)
+            pos = cnt[:, None] + tl.cumsum(ci, 1) - 1
+            tl.store(ZC + st_row[:, None] * CAND + pos, s, mask=c & (pos < CAND))
+            cnt += tl.sum(ci, 1)
+        fit = need & (cnt >= topk + 1) & (cnt <= CAND)
+        offs_c = tl.arange(0, CAND)
+        zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
+                     mask=fit[:, None] & (offs_c[None, :] < cnt[:, None]), other=ninf)
+        th_k = tl.full([BLOCK_M], float("inf"), tl.float32)
+        th_k1 = tl.full([BLOCK_M], float("inf"), tl.float32)
+        for j in range(0, CAND):
+            ok = fit & (j < cnt)
+            xj = tl.load(ZC + st_row * CAND + j, mask=ok, other=ninf)
+            gt = tl.sum((zt > xj[:, None]).to(tl.int32), 1)        # candidates above slot j
+            th_k = tl.minimum(th_k, tl.where(ok & (gt <= topk - 1), xj, float("inf")))
+            th_k1 = tl.minimum(th_k1, tl.where(ok & (gt <= topk), xj, float("inf")))
+        ge = tl.sum((zt >= th_k[:, None]).to(tl.int32), 1)
+        mid = th_k * 0.5 + th_k1 * 0.5
+        good = fit & (ge == topk) & (th_k1 < mid) & (mid < th_k)
+        at_t0 = need & (cnt == topk)
+        thr = tl.where(good, mid, tl.where(at_t0, t0, thr))
+        jcut = tl.where(good | at_t0, 0, jcut)                       # thr is no kept score
+        pending = need & (~good) & (~at_t0)
+    if tl.max(pending.to(tl.int32), 0) > 0:
         c_lo = n_adm.to(tl.float32)
         c_up = tl.zeros([BLOCK_M], tl.float32)
-        kf = topk * 1.0
-        nf = tl.maximum(c_lo, 1.0)
-        mu = ssum / nf
-        sd = tl.sqrt(tl.maximum(ssq / nf - mu * mu, 0.0))
-        # upper-tail normal quantile of (K - 1/2) / n (Abramowitz & Stegun 26.2.23, p <= 1/2)
-        tq = tl.sqrt(-2.0 * tl.log(tl.minimum((kf - 0.5) / nf, 0.5)))
-        zq = tq - (2.515517 + tq * (0.802853 + tq * 0.010328)) / \
-            (1.0 + tq * (1.432788 + tq * (0.189269 + tq * 0.001308)))
-        cen = mu + sd * zq
+        cen = mu + sd * _upper_normal_quantile(tl.minimum((kf - 0.5) / nf, 0.5))
         spread = 0.3 * sd
-        active = need
+        active = pending
         it = 0
         go = tl.max(active.to(tl.int32), 0) > 0
         while go:

@@ -115,3 +115,11 @@ def _entmax_step(f, f1, f2, n_exp, inv_n, NINT: tl.constexpr):
         r = (n_exp - 1.0) * (u - 1.0) * (f_safe * f2 - f1_safe * f1_safe) / (2.0 * u * f1_safe * f1_safe)
         step = tl.where((u > 1.0) & (r < 0.9), step / (1.0 - r), step)
     return step
+
+
+@triton.jit
+def _upper_normal_quantile(p):
+    """z with P(Z > z) = p for a standard normal Z, 0 < p <= 1/2 (Abramowitz & Stegun 26.2.23,
+    |error| < 4.5e-4): t = sqrt(-2 ln p), z = t - (c0 + c1 t + c2 t^2) / (1 + d1 t + d2 t^2 + d3 t^3)."""
+    t = tl.sqrt(-2.0 * tl.log(p))
+    return t - (2.515517 + t * (0.802853 + t * 0.010328)) / (1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308)))
