@@ -36,32 +36,32 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
         # the row's CAND slots of ZC (position = running count + prefix sum within the tile);
         # rows with at most CAND candidates solve tau on them in registers, the others
         # (overflow) take the passes below
-        cnt = tl.zeros([BLOCK_M], tl.int32)
+        n_cand = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
             zs = s * a_scale
-            c = adm & (zs > tau[:, None])
-            ci = c.to(tl.int32)
-            pos = cnt[:, None] + tl.cumsum(ci, 1) - 1
-            tl.store(ZC + st_row[:, None] * CAND + pos, zs, mask=c & (pos < CAND))
-            cnt += tl.sum(ci, 1)
-        solve = nonempty & (cnt <= CAND)
+            cm = adm & (zs > tau[:, None])
+            ci = cm.to(tl.int32)
+            pos = n_cand[:, None] + tl.cumsum(ci, 1) - 1
+            tl.store(ZC + st_row[:, None] * CAND + pos, zs, mask=cm & (pos < CAND))
+            n_cand += tl.sum(ci, 1)
+        solve = nonempty & (n_cand <= CAND)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
-                     mask=solve[:, None] & (offs_c[None, :] < cnt[:, None]), other=ninf)
+                     mask=solve[:, None] & (offs_c[None, :] < n_cand[:, None]), other=ninf)
         sact = solve
         sit = 0
         sgo = tl.max(sact.to(tl.int32), 0) > 0
         while sgo:
-            d = tl.maximum(zt - tau[:, None], 0.0)
-            f = tl.sum(_pow_n(d, n_exp, NINT), 1)
-            f1 = tl.sum(_pow_n1(d, n_exp, NINT), 1)
-            f2 = f1
+            dc = tl.maximum(zt - tau[:, None], 0.0)
+            fc = tl.sum(_pow_n(dc, n_exp, NINT), 1)
+            fc1 = tl.sum(_pow_n1(dc, n_exp, NINT), 1)
+            fc2 = fc1
             if NINT >= 2:
-                f2 = tl.sum(_pow_n2(d, NINT), 1)
-            step = tl.where(sact & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
-            tau = tau + step
-            sact = sact & (tl.abs(step) > tol)
+                fc2 = tl.sum(_pow_n2(dc, NINT), 1)
+            sstep = tl.where(sact & (fc1 > 0), _entmax_step(fc, fc1, fc2, n_exp, inv_n, NINT), 0.0)
+            tau = tau + sstep
+            sact = sact & (tl.abs(sstep) > tol)
             sit += 1
             sgo = (tl.max(sact.to(tl.int32), 0) > 0) & (sit < 64)  # in registers: cheap
         active = nonempty & (~solve)
@@ -137,31 +137,31 @@ def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr,
         # ties at theta) takes the search below.
         t0 = mu + sd * _upper_normal_quantile(tl.minimum((kf + 1.0 + CAND) * 0.5 / nf, 0.5))
         t0 = tl.where(n_adm <= CAND, lo, t0)
-        cnt = tl.zeros([BLOCK_M], tl.int32)
+        n_cand = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            c = adm & (s > t0[:, None])
-            ci = c.to(tl.int32)
-            pos = cnt[:, None] + tl.cumsum(ci, 1) - 1
-            tl.store(ZC + st_row[:, None] * CAND + pos, s, mask=c & (pos < CAND))
-            cnt += tl.sum(ci, 1)
-        fit = need & (cnt >= topk + 1) & (cnt <= CAND)
+            cm = adm & (s > t0[:, None])
+            ci = cm.to(tl.int32)
+            pos = n_cand[:, None] + tl.cumsum(ci, 1) - 1
+            tl.store(ZC + st_row[:, None] * CAND + pos, s, mask=cm & (pos < CAND))
+            n_cand += tl.sum(ci, 1)
+        fit = need & (n_cand >= topk + 1) & (n_cand <= CAND)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
-                     mask=fit[:, None] & (offs_c[None, :] < cnt[:, None]), other=ninf)
+                     mask=fit[:, None] & (offs_c[None, :] < n_cand[:, None]), other=ninf)
         th_k = tl.full([BLOCK_M], float("inf"), tl.float32)
         th_k1 = tl.full([BLOCK_M], float("inf"), tl.float32)
         for j in range(0, CAND):
-            ok = fit & (j < cnt)
-            xj = tl.load(ZC + st_row * CAND + j, mask=ok, other=ninf)
+            okj = fit & (j < n_cand)
+            xj = tl.load(ZC + st_row * CAND + j, mask=okj, other=ninf)
             gt = tl.sum((zt > xj[:, None]).to(tl.int32), 1)        # candidates above slot j
-            th_k = tl.minimum(th_k, tl.where(ok & (gt <= topk - 1), xj, float("inf")))
-            th_k1 = tl.minimum(th_k1, tl.where(ok & (gt <= topk), xj, float("inf")))
-        ge = tl.sum((zt >= th_k[:, None]).to(tl.int32), 1)
-        mid = th_k * 0.5 + th_k1 * 0.5
-        good = fit & (ge == topk) & (th_k1 < mid) & (mid < th_k)
-        at_t0 = need & (cnt == topk)
-        thr = tl.where(good, mid, tl.where(at_t0, t0, thr))
+            th_k = tl.minimum(th_k, tl.where(okj & (gt <= topk - 1), xj, float("inf")))
+            th_k1 = tl.minimum(th_k1, tl.where(okj & (gt <= topk), xj, float("inf")))
+        n_ge = tl.sum((zt >= th_k[:, None]).to(tl.int32), 1)
+        mid_c = th_k * 0.5 + th_k1 * 0.5
+        good = fit & (n_ge == topk) & (th_k1 < mid_c) & (mid_c < th_k)
+        at_t0 = need & (n_cand == topk)
+        thr = tl.where(good, mid_c, tl.where(at_t0, t0, thr))
         jcut = tl.where(good | at_t0, 0, jcut)                       # thr is no kept score
         pending = need & (~good) & (~at_t0)
     if tl.max(pending.to(tl.int32), 0) > 0:
