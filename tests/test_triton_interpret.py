@@ -277,3 +277,17 @@ def test_kernel_matches_reference(interpreted, case):
 
 if __name__ == "__main__":
     _main(sys.argv[1])
+
+
+def test_candidate_slots_are_checked(monkeypatch):
+    """A bad ENTMAX_ / TOPK_CANDIDATES value names the flag; top-K skips slots that cannot hold K + 1."""
+    pytest.importorskip("triton")
+    from sparse_mosaics.attention import fused
+
+    monkeypatch.setattr(fused, "TOPK_CANDIDATES", 24)
+    with pytest.raises(ValueError, match=r"fused.TOPK_CANDIDATES must be 0 or a power of two >= 16, got 24"):
+        fused._candidate_slots(fused.TOPK_SOFTMAX, 4)
+    monkeypatch.setattr(fused, "TOPK_CANDIDATES", 16)
+    assert fused._candidate_slots(fused.TOPK_UNIFORM, 4) == 16 and fused._candidate_slots(fused.TOPK_UNIFORM, 16) == 0
+    monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", 64)
+    assert fused._candidate_slots(fused.ENTMAX, 0) == 64 and fused._candidate_slots(fused.NORM_RELU, 0) == 0

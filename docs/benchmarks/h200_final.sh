@@ -1,12 +1,8 @@
 #!/bin/bash
+# A record of the device call behind docs/benchmarks/h200_*.log (session 2, commit 8c606be).
 # The device call behind the README's performance section (one H200, about 9 minutes).
 # usage (through the device tool, with .whl carried): bash docs/benchmarks/h200_final.sh
-set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-B="python3 -m sparse_mosaics.cli bench"
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-t0=$(date +%s); s() { echo "== $1 after $(( $(date +%s) - t0 )) s"; }
+source docs/benchmarks/device_env.sh || exit 1
 timeout 90 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_model.py > $OUT/pytest.log 2>&1; tail -2 $OUT/pytest.log; grep FAILED $OUT/pytest.log; s pytest
 timeout 140 $B --sections kernels --shapes 4096x64,1024x64 --out $OUT/kernels > $OUT/kernels.log 2>&1; grep ^kernels $OUT/kernels.log | grep "T  4096"; s kernels
 timeout 250 $B --sections train --compile --cells lengthgen --out $OUT/train_lg > $OUT/train_lg.log 2>&1; grep ^train $OUT/train_lg.log; s train_lg

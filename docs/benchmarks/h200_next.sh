@@ -7,11 +7,7 @@
 #   3. the ICLL T = 948 step with CUDA graphs for every method (only softmax and biweight so far).
 # If the candidates win, make them the default (per alpha, if alpha = 1.5 overflows; top-K needs C > K),
 # then re-run the kernels section and the lengthgen train section.
-set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-t0=$(date +%s); s() { echo "== $1 after $(( $(date +%s) - t0 )) s"; }
+source docs/benchmarks/device_env.sh || exit 1
 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_model.py > $OUT/pytest.log 2>&1; tail -2 $OUT/pytest.log; grep FAILED $OUT/pytest.log; s pytest
 for c in 0 32 64 128; do
   timeout 50 python3 docs/benchmarks/tune_configs.py epanechnikov,biweight,entmax_1.25,top16_softmax --fwd-only --candidates=$c > $OUT/tune_cand$c.log 2>&1; grep ^tune $OUT/tune_cand$c.log

@@ -1,4 +1,5 @@
 #!/bin/bash
+# A record of the device call behind docs/benchmarks/h200_*.log (commit 504878e; its tune_configs --counters option is gone since).
 # Session 3, first device call (about 9.5 minutes on one H200; carry .whl):
 #   1. the GPU tests (new: the earlier entmax stop for 16-bit inputs, the relaxed compiled top-K test);
 #   2. top-K counter variants (fused.TOPK_COUNTERS = tile / element / float) x forward block sizes,
@@ -6,11 +7,7 @@
 #   3. kernels at T = 4096, D = 64 with the new entmax stop, side by side with SDPA and adasplash;
 #   4. CUDA graphs (torch.compile mode="reduce-overhead") for the host-bound ICLL step and lengthgen;
 #   5. the bench's `long` section (T = 16,384 and 65,536), never run so far.
-set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/gpu.txt
-t0=$(date +%s); s() { echo "== $1 after $(( $(date +%s) - t0 )) s"; }
+source docs/benchmarks/device_env.sh || exit 1
 timeout 110 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_model.py > $OUT/pytest.log 2>&1; tail -2 $OUT/pytest.log; grep FAILED $OUT/pytest.log; s pytest
 for c in tile element float; do
   timeout 40 python3 docs/benchmarks/tune_configs.py top16_softmax --fwd-only --counters=$c > $OUT/tune_$c.log 2>&1; grep ^tune $OUT/tune_$c.log

@@ -178,10 +178,12 @@ def _params(spec: MethodSpec):
 def _candidate_slots(fam: int, topk: int) -> int:
     """The candidate slots per row of a family (ENTMAX_CANDIDATES, TOPK_CANDIDATES), checked: 0 or a
     power of two >= 16 (a tl.arange length); 0 for top-K when no row could fit K + 1 candidates."""
-    name = {ENTMAX: "ENTMAX_CANDIDATES", TOPK_SOFTMAX: "TOPK_CANDIDATES", TOPK_UNIFORM: "TOPK_CANDIDATES"}.get(fam)
-    if name is None:
+    if fam == ENTMAX:
+        name, c = "ENTMAX_CANDIDATES", ENTMAX_CANDIDATES
+    elif fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
+        name, c = "TOPK_CANDIDATES", TOPK_CANDIDATES
+    else:
         return 0
-    c = globals()[name]
     if not isinstance(c, int) or (c != 0 and (c < 16 or c & (c - 1))):
         raise ValueError(f"fused.{name} must be 0 or a power of two >= 16, got {c!r}")
     return 0 if fam != ENTMAX and c < topk + 1 else c
