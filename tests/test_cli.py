@@ -36,6 +36,7 @@ def test_unknown_command_is_an_error(capsys):
     (["--cells", "icll512,icll9"], "unknown --cells value(s) ['icll9']"),
     (["--shapes", "4096x"], "--shapes must be comma-separated TxD pairs"),
     (["--compile", "reduce-overheads"], "--compile: unknown Inductor mode 'reduce-overheads' (valid: "),
+    (["--no-eager"], "--no-eager needs --compile [MODE]"),
 ])
 def test_bench_bad_arguments_name_the_option(args, message, capsys):
     """Checked before anything needs a GPU, so the error is the same on CPU-only machines."""

@@ -25,8 +25,9 @@ import pytest
 
 ATTN_METHODS = ("softmax", "epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7",
                 "top4_softmax", "top4_uniform", "norm_relu", "relumax")
-# (D, T, shift, lengths as fractions of T or None)
-ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"))
+# (D, T, shift, lengths: None or "short+empty", lengths T - 9 and 0); T = 100 spans 4 blocks of the
+# interpreter's 32, so the backward also takes its unmasked interior tiles (and the masked ones around)
+ATTN_SHAPES = ((16, 37, 1, None), (32, 48, 0, "short+empty"), (16, 100, 1, "short+empty"))
 LEAKY_SHAPES = ((1, 16), (45, 16), (70, 24))
 CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("ties", m, 16, 70, 1, None) for m in ("top4_uniform", "top4_softmax")]

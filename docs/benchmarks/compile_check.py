@@ -1,6 +1,7 @@
 """Compile every fused attention kernel for an sm_90 target without a GPU (developer tool).
 
     PYTHONPATH=src python docs/benchmarks/compile_check.py [family names, comma-separated] [head dims, e.g. 16,64]
+        [kernels, e.g. dkdv,dq: names starting so]
 
 Runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin) for each family, forward
 (with and without the backward statistics) and both backward kernels, at the default block sizes.
@@ -68,6 +69,8 @@ def main():
         c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
                  BLOCK_N=bcfg[1])
         jobs += [("dkdv", fused._bwd_dkdv_kernel, c, bcfg), ("dq", fused._bwd_dq_kernel, c, bcfg)]
+        if len(sys.argv) > 3:  # kernels whose names start with one of these (fwd, dkdv, dq, fwd+cand...)
+            jobs = [j for j in jobs if j[0].startswith(tuple(sys.argv[3].split(",")))]
         for kind, fn, c, cfg in jobs:
             try:
                 compile_one(fn, dtype, c, cfg)

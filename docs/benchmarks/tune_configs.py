@@ -1,6 +1,7 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
     PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D] [--candidates=C]
+        [--fwd=BM,BN,W,S/BM,BN,W,S...]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64 (or --shape), bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -20,9 +21,10 @@ FWD_SHORT = [(128, 32, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (3
 BWD_SHORT = [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 2, 2), (64, 32, 4, 2)]
 
 
-def main(methods, fwd_only=False, shape=(32, 8, 4096, 64)):
+def main(methods, fwd_only=False, shape=(32, 8, 4096, 64), fwd=None):
     B, H, T, D = shape
     fwd_cfgs, bwd_cfgs = (FWD, BWD) if T > 512 else (FWD_SHORT, BWD_SHORT)
+    fwd_cfgs = fwd or fwd_cfgs
     q, k, v = make_inputs(B, H, T, D, torch.bfloat16, seed=1)
     go = torch.randn_like(q)
     for m in methods:
@@ -63,4 +65,8 @@ if __name__ == "__main__":
     for a in [a for a in args if a.startswith("--shape=")]:
         args.remove(a)
         shape = tuple(int(x) for x in a.split("=", 1)[1].split(","))
-    main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only, shape)
+    fwd = None
+    for a in [a for a in args if a.startswith("--fwd=")]:  # forward configs to sweep instead of FWD
+        args.remove(a)
+        fwd = [tuple(int(x) for x in c.split(",")) for c in a.split("=", 1)[1].split("/")]
+    main(args[0].split(",") if args else ["biweight", "norm_relu"], fwd_only, shape, fwd)

@@ -20,7 +20,8 @@ bench.csv / bench.parquet):
              the ICLL cell (table A, T = 512 and 948) per method, with the project's MemoryMosaic;
              with ``compile_model`` (an Inductor mode: "default", "reduce-overhead", ...) each step
              is timed eager (impl ``model_auto``) and compiled (impl ``model_auto_compile``, or
-             ``model_auto_compile-<mode>`` for other modes) side by side.
+             ``model_auto_compile-<mode>`` for other modes) side by side (``eager=False``: compiled
+             only).
 * eval    -- long-context evaluation forward of the length-generalisation model, batch 8,
              T in {1026, 2050, 4096, 8192, 16384}, per method.
 
@@ -370,10 +371,11 @@ def time_train_step(cell, method, batch, T, amp, steps=15, backend="auto", compi
 
 
 def run_train(quick=False, budget=None, log=print, compile_model=False, reference_model=False, methods=None,
-              cells=None):
-    """Training-step rows per cell x method x backend; ``compile_model``: eager and compiled rows both."""
+              cells=None, eager=True):
+    """Training-step rows per cell x method x backend; ``compile_model``: eager and compiled rows both
+    (only the compiled ones with ``eager=False``)."""
     rows = []
-    compiled = (False, compile_model) if compile_model else (False,)
+    compiled = ((False,) if eager or not compile_model else ()) + ((compile_model,) if compile_model else ())
     tf32 = torch.backends.cuda.matmul.allow_tf32
     all_cells = [("lengthgen", 256, 130, True), ("icll", 32, 512, False), ("icll", 32, 948, False)]
     if cells is not None:
@@ -458,7 +460,7 @@ TRAIN_CELLS = ("lengthgen", "icll512", "icll948")
 
 
 def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"), budget_s=1e9, log=print,
-              compile_model=False, reference_model=False, methods=None, cells=None, shapes=None):
+              compile_model=False, reference_model=False, methods=None, cells=None, shapes=None, eager=True):
     """All sections in order; returns the list of row dicts (environment columns added)."""
     if not torch.cuda.is_available():
         raise RuntimeError("sparse-mosaics bench needs a CUDA GPU (none found)")
@@ -484,7 +486,7 @@ def run_bench(quick=False, sections=("check", "kernels", "long", "train", "eval"
             rows += run_long(quick, budget, log, methods=methods)
         elif sec == "train":
             rows += run_train(quick, budget, log, compile_model=compile_model, reference_model=reference_model,
-                              methods=methods, cells=cells)
+                              methods=methods, cells=cells, eager=eager)
         elif sec == "eval":
             rows += run_eval(quick, budget, log, methods=methods)
         else:

@@ -109,27 +109,25 @@ TOPK_CANDIDATES = 0
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, T: int | None = None):
+def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
         return (32, 32, 1, 1)
     one_pass = fam in (NORM_RELU, RELUMAX)
     # H200 sweeps (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16; h200_tune.log,
-    # h200_s3a.log)
+    # h200_s3.log, h200_s4.log)
     if kind == "fwd":
         if head_dim <= 64:
-            # biweight 10.2 ms at (128, 32, 4, 3) vs 11.0 at (64, 64, 4, 3); norm_relu 2.63 at
-            # (64, 32, 4, 3) vs 2.86 at (128, 32, 4, 3); relumax 3.94 vs 4.52; top-K (fp32
-            # counters) 17.4 at (64, 64, 4, 3) vs 18.7 at (128, 64, 8, 3) and 23.0 at (128, 32, 4, 3)
+            # top-K (fp32 counters) 16.0 ms at (64, 64, 4, 3) vs 18.3 at (128, 32, 4, 3), 24.2 at
+            # (64, 32, 4, 3); every other family is fastest at (64, 32, 4, 3): epanechnikov 11.07 ms
+            # vs 13.08 at (128, 32, 4, 3), biweight 7.17 vs 7.91, entmax_1.25 7.43 vs 7.81
+            # (h200_s4.log, call 1), norm_relu 2.63 vs 2.86, relumax 3.94 vs 4.52; at T = 130 (the
+            # length-generalisation cell) a 128-row block spends as long on its last 2 rows as on
+            # the first 128 (epanechnikov 0.28 ms vs 0.46)
             if fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
                 return (64, 64, 4, 3)
-            if fam == ENTMAX and T is not None and T <= 512:
-                # short rows (B=256, H=8, T=130, the length-generalisation cell): a 128-row block
-                # spends as long on the last 2 rows as on the first 128; epanechnikov 0.28 ms at
-                # (64, 32, 4, 3) vs 0.46 at (128, 32, 4, 3) (h200_s3c.log)
-                return (64, 32, 4, 3)
-            return (64, 32, 4, 3) if one_pass else (128, 32, 4, 3)
+            return (64, 32, 4, 3)
         return (128, 32, 8, 2)
     if head_dim <= 64:
         # fwd+bwd norm_relu 12.40 ms with (64, 64, 4, 3) vs 12.61 with (64, 64, 4, 2); relumax 12.11 vs 12.37
@@ -200,7 +198,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     DV = v.shape[-1]
     BH = B * H
     interp = _interpreting()
-    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"], T)
+    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"])
     o = torch.empty((B, H, T, DV), device=q.device, dtype=v.dtype)
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)

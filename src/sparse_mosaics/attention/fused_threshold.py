@@ -17,6 +17,27 @@ from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _scores, _upper
 
 
 @triton.jit
+def _store_candidates(ZC, st_row, x, cm, n_cand, n_kept, CAND: tl.constexpr):
+    """Append the marked values x[cm] of one (BLOCK_M, BLOCK_N) tile to each row's CAND slots of ZC.
+
+    n_cand counts the marked values, n_kept the slots written (a value is written while n_kept <
+    CAND). Rows are compacted by repeated extraction of their largest marked value, as many rounds
+    as the tile's busiest row has marks (candidates are rare, so mostly 1-3 rounds: cheaper than a
+    prefix sum over the tile). A round takes every copy of its max but writes it once, so a row
+    with a tie inside a tile ends with n_kept < n_cand: the callers treat it as not fitting.
+    """
+    cnt = tl.sum(cm.to(tl.int32), 1)
+    n_cand += cnt
+    for _ in range(0, tl.max(cnt, 0)):
+        mx = tl.max(tl.where(cm, x, float("-inf")), 1)
+        has = mx > float("-inf")
+        tl.store(ZC + st_row * CAND + n_kept, mx, mask=has & (n_kept < CAND))
+        n_kept += has.to(tl.int32)
+        cm = cm & (x < mx[:, None])
+    return n_cand, n_kept
+
+
+@triton.jit
 def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n, tol_step,
                       D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
                       MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAND: tl.constexpr):
@@ -37,15 +58,12 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
         # rows with at most CAND candidates solve tau on them in registers, the others
         # (overflow) take the passes below
         n_cand = tl.zeros([BLOCK_M], tl.int32)
+        n_kept = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
             zs = s * a_scale
-            cm = adm & (zs > tau[:, None])
-            ci = cm.to(tl.int32)
-            pos = n_cand[:, None] + tl.cumsum(ci, 1) - 1
-            tl.store(ZC + st_row[:, None] * CAND + pos, zs, mask=cm & (pos < CAND))
-            n_cand += tl.sum(ci, 1)
-        solve = nonempty & (n_cand <= CAND)
+            n_cand, n_kept = _store_candidates(ZC, st_row, zs, adm & (zs > tau[:, None]), n_cand, n_kept, CAND)
+        solve = nonempty & (n_cand <= CAND) & (n_kept == n_cand)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
                      mask=solve[:, None] & (offs_c[None, :] < n_cand[:, None]), other=ninf)
@@ -131,35 +149,38 @@ def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr,
         # candidate pass (fused.TOPK_CANDIDATES): every s > t0 goes to the row's CAND slots of ZC,
         # t0 placed (Gaussian fit of the row; below the minimum when |A_i| <= CAND) so that about
         # (K + 1 + CAND) / 2 scores lie above it. A row with K + 1 <= count <= CAND holds its K + 1
-        # largest scores there: theta_K, theta_K+1 = the smallest candidates with at most K - 1,
-        # resp. K, candidates above them; if exactly K are >= theta_K (no tie), the threshold is
-        # their midpoint. Rows with count = K take t0 itself. Every other row (t0 guessed wrong,
-        # ties at theta) takes the search below.
+        # largest scores there, theta_K and theta_K+1 among them; if no tie straddles the K-th
+        # place, the threshold is their midpoint. Rows with count = K take t0 itself. Every other
+        # row (t0 guessed wrong, ties at theta) takes the search below.
         t0 = mu + sd * _upper_normal_quantile(tl.minimum((kf + 1.0 + CAND) * 0.5 / nf, 0.5))
         t0 = tl.where(n_adm <= CAND, lo, t0)
         n_cand = tl.zeros([BLOCK_M], tl.int32)
+        n_kept = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            cm = adm & (s > t0[:, None])
-            ci = cm.to(tl.int32)
-            pos = n_cand[:, None] + tl.cumsum(ci, 1) - 1
-            tl.store(ZC + st_row[:, None] * CAND + pos, s, mask=cm & (pos < CAND))
-            n_cand += tl.sum(ci, 1)
+            n_cand, n_kept = _store_candidates(ZC, st_row, s, adm & (s > t0[:, None]), n_cand, n_kept, CAND)
         fit = need & (n_cand >= topk + 1) & (n_cand <= CAND)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
-                     mask=fit[:, None] & (offs_c[None, :] < n_cand[:, None]), other=ninf)
+                     mask=fit[:, None] & (offs_c[None, :] < n_kept[:, None]), other=ninf)
+        # the K + 1 largest candidates by repeated extraction of the row max (K + 1 rounds on the
+        # (BLOCK_M, CAND) registers; each round takes every copy of the max, so a value tied across
+        # the K-th place shows as a round that carries the count past K: such rows search below)
         th_k = tl.full([BLOCK_M], float("inf"), tl.float32)
         th_k1 = tl.full([BLOCK_M], float("inf"), tl.float32)
-        for j in range(0, CAND):
-            okj = fit & (j < n_cand)
-            xj = tl.load(ZC + st_row * CAND + j, mask=okj, other=ninf)
-            gt = tl.sum((zt > xj[:, None]).to(tl.int32), 1)        # candidates above slot j
-            th_k = tl.minimum(th_k, tl.where(okj & (gt <= topk - 1), xj, float("inf")))
-            th_k1 = tl.minimum(th_k1, tl.where(okj & (gt <= topk), xj, float("inf")))
-        n_ge = tl.sum((zt >= th_k[:, None]).to(tl.int32), 1)
+        n_above = tl.zeros([BLOCK_M], tl.int32)              # candidates extracted so far
+        fit = fit & (n_kept == n_cand)                       # a tie inside one tile kept one copy
+        for _ in range(0, topk + 1):
+            mx = tl.max(zt, 1)
+            is_mx = zt == mx[:, None]
+            c = tl.sum(is_mx.to(tl.int32), 1)
+            th_k = tl.where((n_above < topk) & (n_above + c >= topk), mx, th_k)
+            fit = fit & ~((n_above < topk) & (n_above + c > topk))
+            th_k1 = tl.where(n_above == topk, mx, th_k1)
+            n_above += c
+            zt = tl.where(is_mx, ninf, zt)
         mid_c = th_k * 0.5 + th_k1 * 0.5
-        good = fit & (n_ge == topk) & (th_k1 < mid_c) & (mid_c < th_k)
+        good = fit & (th_k1 < mid_c) & (mid_c < th_k)
         at_t0 = need & (n_cand == topk)
         thr = tl.where(good, mid_c, tl.where(at_t0, t0, thr))
         jcut = tl.where(good | at_t0, 0, jcut)                       # thr is no kept score

@@ -27,6 +27,8 @@ def add_arguments(parser) -> None:
                         help="train section: time each training step twice, eager and with torch.compile "
                              "(Inductor in MODE: default, or reduce-overhead = CUDA graphs; compiling adds "
                              "tens of seconds per method)")
+    parser.add_argument("--no-eager", action="store_true",
+                        help="train section with --compile: time only the compiled step (half the time)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated methods to measure (default: every method of the section)")
     parser.add_argument("--shapes", default=None,
@@ -67,6 +69,8 @@ def main(args) -> int:
 
         if args.compile not in compile_modes():
             raise CommandError(f"--compile: unknown Inductor mode {args.compile!r} (valid: {', '.join(compile_modes())})")
+    if args.no_eager and args.compile is None:
+        raise CommandError("--no-eager needs --compile [MODE]: without it the eager step is the only one timed")
     shapes = None
     if args.shapes:
         try:
@@ -84,7 +88,8 @@ def main(args) -> int:
 
     rows = run_bench(quick=args.quick, sections=sections, budget_s=args.budget,
                      log=lambda s: print(s, flush=True), compile_model=args.compile or False,
-                     reference_model=args.reference_model, methods=methods, cells=cells, shapes=shapes)
+                     reference_model=args.reference_model, methods=methods, cells=cells, shapes=shapes,
+                     eager=not args.no_eager)
     table = markdown_tables(rows)
     print(table)
     if args.out:

@@ -1,4 +1,5 @@
 #!/bin/bash
+# A record of session 4's first device call (commit a38d253; output in h200_s4.log; run as h200_next.sh).
 # The open measurements of issue 4 after session 3, in one device call (about 10 minutes; carry .whl):
 #   1. the GPU tests, among them the opt-in thresholds from candidates (fused.ENTMAX_CANDIDATES and
 #      fused.TOPK_CANDIDATES),
