@@ -281,14 +281,24 @@ if __name__ == "__main__":
 
 
 def test_candidate_slots_are_checked(monkeypatch):
-    """A bad ENTMAX_ / TOPK_CANDIDATES value names the flag; top-K skips slots that cannot hold K + 1."""
+    """A bad ENTMAX_ / TOPK_CANDIDATES value names the flag; top-K skips slots that cannot hold K + 1;
+    the top-K default (None) takes 64 slots from TOPK_CANDIDATES_MIN_T keys on, none below."""
     pytest.importorskip("triton")
     from sparse_mosaics.attention import fused
 
     monkeypatch.setattr(fused, "TOPK_CANDIDATES", 24)
     with pytest.raises(ValueError, match=r"fused.TOPK_CANDIDATES must be 0 or a power of two >= 16, got 24"):
-        fused._candidate_slots(fused.TOPK_SOFTMAX, 4)
+        fused._candidate_slots(fused.TOPK_SOFTMAX, 4, 100)
     monkeypatch.setattr(fused, "TOPK_CANDIDATES", 16)
-    assert fused._candidate_slots(fused.TOPK_UNIFORM, 4) == 16 and fused._candidate_slots(fused.TOPK_UNIFORM, 16) == 0
+    assert fused._candidate_slots(fused.TOPK_UNIFORM, 4, 100) == 16
+    assert fused._candidate_slots(fused.TOPK_UNIFORM, 16, 100) == 0
+    monkeypatch.setattr(fused, "TOPK_CANDIDATES", None)
+    t = fused.TOPK_CANDIDATES_MIN_T
+    assert fused._candidate_slots(fused.TOPK_SOFTMAX, 16, t) == 64
+    assert fused._candidate_slots(fused.TOPK_SOFTMAX, 16, t - 1) == 0
+    assert fused._candidate_slots(fused.TOPK_SOFTMAX, 64, t) == 0  # 64 slots cannot hold K + 1 = 65
     monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", 64)
-    assert fused._candidate_slots(fused.ENTMAX, 0) == 64 and fused._candidate_slots(fused.NORM_RELU, 0) == 0
+    assert fused._candidate_slots(fused.ENTMAX, 0, 100) == 64 and fused._candidate_slots(fused.NORM_RELU, 0, 100) == 0
+    monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", None)
+    with pytest.raises(ValueError, match="fused.ENTMAX_CANDIDATES must be 0 or a power of two"):
+        fused._candidate_slots(fused.ENTMAX, 0, 100)

@@ -59,9 +59,9 @@ def main():
                                                                 (False, True)):
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []
-        fcfg = fused._config("fwd", D, False, fam)
         bcfg = fused._config("bwd", D, False, fam)
         for save, cand in itertools.product((False, True), (0, 64) if fam in (1, 2, 3) else (0,)):
+            fcfg = fused._config("fwd", D, False, fam, cand)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
                      MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand)
             jobs.append(("fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else ""), fused._fwd_kernel,

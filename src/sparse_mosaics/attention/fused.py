@@ -94,44 +94,50 @@ MAX_SELECT = 80  # top-K counting passes per phase at most (both phases end exac
 # "ieee" (exact fp32 FMAs, several times slower). bf16 / fp16 inputs always use the tensor cores.
 FP32_PRECISION = "tf32x3"
 
-# entmax threshold from candidates (opt-in, not yet timed on a GPU): 0 = the Newton / Halley passes
-# over all keys; a power of two C >= 16 = one extra pass writes every z > m - 1 (tau* >= m - 1, so
-# the support is among them) to C slots per row of an fp32 scratch of BH * T * C floats, rows with
-# at most C candidates solve tau on them in registers, the others take the passes. Sparsemax has
-# ~12 candidates on N(0, 1) scores at T = 4096 (6-7 passes become one); alpha = 1.5 ~130.
+# entmax threshold from candidates (opt-in): 0 = the Newton / Halley passes over all keys; a power of
+# two C >= 16 = one extra pass writes every z > m - 1 (tau* >= m - 1, so the support is among them) to C
+# slots per row of an fp32 scratch of BH * T * C floats, rows with at most C candidates solve tau on
+# them in registers, the others take the passes. Off: no gain measured (sparsemax, T = 4096: 11.30 ms
+# with 128 slots, 14.86 with 64, 11.12 without; alpha < 2 has far more candidates; h200_s4.log).
 ENTMAX_CANDIDATES = 0
-# top-K threshold from candidates (opt-in, not yet timed on a GPU): 0 = the counting search; a
-# power of two C >= 16 (and > K) = after the min/max pass, one pass stores the scores above a
-# Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2 of them) in C slots per row; rows with K + 1 to
-# C candidates find the K-th and (K+1)-th largest among them in registers, the others search.
-TOPK_CANDIDATES = 0
+# top-K threshold from candidates: 0 = the counting search; a power of two C >= 16 (and > K) = after
+# the min/max pass, one pass stores the scores above a Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2
+# of them) in C slots per row; rows with K + 1 to C candidates find the K-th and (K+1)-th largest
+# among them in registers, the others search. None (default) = 64 slots for rows longer than
+# TOPK_CANDIDATES_MIN_T, none for shorter ones: top16 forward at T = 4096 12.3 ms vs 16.2 without; at
+# T = 130 0.96 vs 0.44 ms (h200_s4.log, call 2).
+TOPK_CANDIDATES: int | None = None
+TOPK_CANDIDATES_MIN_T = 1024
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1):
+def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int = 0):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ("fwd" or "bwd"); cand: the forward's
+    candidate slots (``_candidate_slots``)."""
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
         return (32, 32, 1, 1)
-    one_pass = fam in (NORM_RELU, RELUMAX)
     # H200 sweeps (docs/benchmarks/tune_configs.py, B*H=256, T=4096, D=64, bf16; h200_tune.log,
     # h200_s3.log, h200_s4.log)
     if kind == "fwd":
         if head_dim <= 64:
-            # top-K (fp32 counters) 16.0 ms at (64, 64, 4, 3) vs 18.3 at (128, 32, 4, 3), 24.2 at
-            # (64, 32, 4, 3); every other family is fastest at (64, 32, 4, 3): epanechnikov 11.07 ms
-            # vs 13.08 at (128, 32, 4, 3), biweight 7.17 vs 7.91, entmax_1.25 7.43 vs 7.81
-            # (h200_s4.log, call 1), norm_relu 2.63 vs 2.86, relumax 3.94 vs 4.52; at T = 130 (the
-            # length-generalisation cell) a 128-row block spends as long on its last 2 rows as on
-            # the first 128 (epanechnikov 0.28 ms vs 0.46)
-            if fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
+            # top-K searching (no candidates) 16.2 ms at (64, 64, 4, 3) vs 18.7 at (128, 64, 8, 3),
+            # 24.3 at (64, 32, 4, 3); with 64 candidate slots 12.3 at (64, 32, 4, 3) vs 14.9 at
+            # (64, 64, 4, 3). Every other family is fastest at (64, 32, 4, 3): epanechnikov 11.1 ms
+            # vs 13.1 at (128, 32, 4, 3), biweight 7.17 vs 7.91, entmax_1.25 7.43 vs 7.81,
+            # norm_relu 2.63 vs 2.86, relumax 3.94 vs 4.52; at T = 130 (the length-generalisation
+            # cell) a 128-row block spends as long on its last 2 rows as on the first 128
+            # (epanechnikov 0.28 ms vs 0.46)
+            if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) and not cand:
                 return (64, 64, 4, 3)
             return (64, 32, 4, 3)
         return (128, 32, 8, 2)
     if head_dim <= 64:
-        # fwd+bwd norm_relu 12.40 ms with (64, 64, 4, 3) vs 12.61 with (64, 64, 4, 2); relumax 12.11 vs 12.37
-        return (64, 64, 4, 3) if one_pass else (64, 64, 4, 2)
+        # fwd+bwd (interior tiles unmasked) biweight 12.33 ms with (64, 64, 4, 3) vs 12.71 with
+        # (64, 64, 4, 2), 13.71 with (128, 128, 8, 1); norm_relu 11.31 vs 11.65 (h200_s4.log, call 2)
+        return (64, 64, 4, 3)
     return (64, 32, 4, 2)
 
 
@@ -173,13 +179,16 @@ def _params(spec: MethodSpec):
                 topk=int(spec.k) if spec.k is not None else 0)
 
 
-def _candidate_slots(fam: int, topk: int) -> int:
-    """The candidate slots per row of a family (ENTMAX_CANDIDATES, TOPK_CANDIDATES), checked: 0 or a
-    power of two >= 16 (a tl.arange length); 0 for top-K when no row could fit K + 1 candidates."""
+def _candidate_slots(fam: int, topk: int, T: int) -> int:
+    """The candidate slots per row of a family (ENTMAX_CANDIDATES, TOPK_CANDIDATES; None: the
+    measured default), checked: 0 or a power of two >= 16 (a tl.arange length); 0 for top-K when
+    no row could fit K + 1 candidates."""
     if fam == ENTMAX:
         name, c = "ENTMAX_CANDIDATES", ENTMAX_CANDIDATES
     elif fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
         name, c = "TOPK_CANDIDATES", TOPK_CANDIDATES
+        if c is None:
+            c = 64 if T >= TOPK_CANDIDATES_MIN_T else 0
     else:
         return 0
     if not isinstance(c, int) or (c != 0 and (c < 16 or c & (c - 1))):
@@ -198,7 +207,8 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     DV = v.shape[-1]
     BH = B * H
     interp = _interpreting()
-    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"])
+    cand = _candidate_slots(prm["fam"], prm["topk"], T)
+    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"], cand)
     o = torch.empty((B, H, T, DV), device=q.device, dtype=v.dtype)
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
@@ -207,7 +217,6 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     o2 = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_o2 else st
     of = torch.empty((BH, T, DV), device=q.device, dtype=torch.float32) if need_of else o2
     lens = lengths if lengths is not None else st
-    cand = _candidate_slots(fam, prm["topk"])
     zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(T, BM), BH)
