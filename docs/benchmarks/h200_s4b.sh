@@ -1,4 +1,5 @@
 #!/bin/bash
+# A record of session 4's second device call (commit 7b47512).
 # Session 4, second device call (about 7 minutes on one H200; carry .whl), after
 #   - the candidate passes compact by repeated row-max extraction (no prefix sum over the tile), and
 #     top-K picks its K + 1 largest candidates by extraction (no C x C count);

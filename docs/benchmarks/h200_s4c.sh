@@ -1,4 +1,5 @@
 #!/bin/bash
+# A record of session 4's third device call (commit c5f1066).
 # Session 4, third device call (about 10 minutes on one H200; carry .whl): the README's numbers, in
 # one run, after top-K's 64 candidate slots became the default for rows of 1024+ keys and the
 # backward's blocks (64, 64, 4, 3). The GPU tests of the changed paths, the kernels at the anchor

@@ -52,18 +52,21 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  Tie rule: if several scores equal the K-th largest value, all strictly larger ones
                  are kept plus the lowest-index tied ones, so exactly min(K, |A_i|) keys are kept
                  (found by a bisection on the index cut, only in blocks that have a tie).
-                 Opt-in (TOPK_CANDIDATES = C): one pass stores the scores above a guess t0 in C
-                 slots per row; rows with K + 1 to C of them find theta in registers.
+                 Rows of 1024+ keys first try the candidates (TOPK_CANDIDATES, 64 slots): after
+                 the min/max pass, one pass stores the scores above a guess t0 in 64 slots per row;
+                 rows with K + 1 to 64 of them find theta in registers, the others search.
                  topk_softmax: softmax over the selected keys; topk_uniform: 1/min(K, |A_i|) each,
                  no gradient to q, k (piecewise constant in the scores).
 
 Files: this module is the host side (block sizes, launches, autograd, custom ops);
-``fused_forward`` holds the forward kernel, ``fused_backward`` the two backward kernels,
-``fused_tiles`` the tile helpers they share.
+``fused_forward`` holds the forward kernel, ``fused_threshold`` its threshold searches,
+``fused_backward`` the two backward kernels, ``fused_tiles`` the tile helpers they share.
 
 Backward: two kernels, as in FlashAttention-2: one program per key block accumulates dK, dV over
 the query blocks; one program per query block accumulates dQ over the key blocks.  Both recompute
 the scores in the same (query-major) orientation as the forward, from the saved row statistics.
+Tiles that every row of the block sees whole (below the diagonal, before the length cut) take a
+mask-free tile body; the diagonal, length-cut and last partial blocks keep the mask.
 """
 
 from __future__ import annotations
