@@ -4,9 +4,11 @@
 #   2. what the candidate pass costs (pass_costs.py at 0 threshold passes, candidates off / on), and
 #      whether its nested extraction loop stops Triton from pipelining the key loop (stages 1 vs 3:
 #      equal times mean no pipelining; then compact without a nested loop);
-#   3. the long section with the current kernels (the README's long rows are from session 3).
+#   3. the long section with the current kernels (the README's long rows are from session 3);
+#   4. the peak memory of CUDA-graph training steps, now counted from before the warm-up.
 source docs/benchmarks/device_env.sh || exit 1
 timeout 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py tests/test_model.py > $OUT/pytest.log 2>&1; tail -1 $OUT/pytest.log; grep FAILED $OUT/pytest.log; s pytest
 for c in 0 64 128; do timeout 40 python3 docs/benchmarks/pass_costs.py epanechnikov,top16_softmax --candidates=$c 2>&1 | grep ^passes; done | tee $OUT/passes.log; s passes
 timeout 40 python3 docs/benchmarks/tune_configs.py top16_softmax,epanechnikov --fwd-only --candidates=64 --fwd=64,32,4,1/64,32,4,2/64,32,4,3 2>&1 | grep ^tune | tee $OUT/tune_stages.log; s stages
 timeout 200 $B --sections long --out $OUT/long > $OUT/long.log 2>&1; grep ^long $OUT/long.log; s long
+timeout 60 $B --sections train --compile reduce-overhead --cells icll512 --methods softmax,biweight 2>&1 | grep ^train | tee $OUT/train_peak.log; s train_peak
