@@ -8,11 +8,12 @@ keeps the test independent of whatever else the pytest process has imported.
 Covered: all attention families (softmax through the fused kernel, entmax alpha = 2, 1.5, 4/3,
 1.25 (integer fast paths) and 1.7 (generic pow), top-K softmax / uniform, norm_relu, relumax),
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
-D = 16 and 32, T <= 64 with blocks of 32 (several blocks, T not a multiple of the block); exact
-top-K tie handling and exact selection on long random rows; the entmax and top-K
-thresholds from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES: with rows that do not fit,
-with ties, and alone with the searches cut to one pass); fp16
-inputs for entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and lam), T not a multiple of the
+D = 16 and 32, T <= 100 with blocks of 32 (several blocks, T not a multiple of the block, the
+backward's unmasked interior tiles); exact top-K tie handling and exact selection on long random
+rows; the entmax and top-K thresholds from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES:
+with rows that do not fit, with ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone
+with the searches cut to one pass); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
+leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
 
@@ -20,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 
@@ -39,6 +41,10 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("cand32-select", m, 16, 230, 1, None) for m in ("top4_softmax", "top16_uniform")]
          + [("cand64-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
          + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
+         + [("cand64r1", m, 16, 70, 1, None) for m in ("epanechnikov", "biweight", "top4_softmax")]
+         # sparsemax keeps few candidates per tile: 8 rounds hold them all, one pass is exact (top-K
+         # rows shorter than the slots mark every key, so limited rounds send them to the search)
+         + [("cand64r8-1pass", "epanechnikov", 32, 48, 0, "short+empty")]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 # 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
@@ -68,7 +74,8 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
     from sparse_mosaics.attention.registry import get_method
 
     spec = get_method(method)
-    g = torch.Generator().manual_seed(hash((method, D, T)) % 10_000)
+    # a stable seed per case (hash() of a str changes from one process to the next)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((method, D, T)).encode()) % 10_000)
     B, H = 2, 2
     if spec.family == "norm_relu":  # |q - k|^2 around 1: some weights 0, some rows all 0 (uniform)
         scale = 1.0 / (2 * D) ** 0.5
@@ -96,19 +103,20 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
     return out
 
 
-def _run_candidates(method, D, T, shift, lens, slots, mode):
+def _run_candidates(method, D, T, shift, lens, slots, mode, rounds=0):
     """The threshold from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES = slots). Entmax:
     16 slots leave some rows with more candidates than slots (they take the passes), 64 hold
     every row here; top-K at T = 230 with 32 slots: the Gaussian guess of t0 fits some rows and
     misses others. mode "select" / "ties": exact selection (``_run_ties``); "1pass": the searches
     cut to one pass (MAX_NEWTON / MAX_SELECT = 1), so only rows solved from their candidates are
-    exact; the same run without candidates must be wrong ("control": more than 10 x TOL off)."""
+    exact; the same run without candidates must be wrong ("control": more than 10 x TOL off).
+    rounds: fused.CANDIDATE_ROUNDS (1: most rows keep too few candidates and take the search)."""
     from sparse_mosaics.attention import fused
     from sparse_mosaics.attention.registry import get_method
 
     topk = get_method(method).family.startswith("topk")
     flag, cap = ("TOPK_CANDIDATES", "MAX_SELECT") if topk else ("ENTMAX_CANDIDATES", "MAX_NEWTON")
-    old = getattr(fused, flag), getattr(fused, cap)
+    old = getattr(fused, flag), getattr(fused, cap), fused.CANDIDATE_ROUNDS
 
     def run():
         if mode in ("select", "ties"):
@@ -117,6 +125,7 @@ def _run_candidates(method, D, T, shift, lens, slots, mode):
 
     try:
         setattr(fused, flag, slots)
+        fused.CANDIDATE_ROUNDS = rounds
         if mode == "1pass":
             setattr(fused, cap, 1)
         r = run()
@@ -127,6 +136,7 @@ def _run_candidates(method, D, T, shift, lens, slots, mode):
     finally:
         setattr(fused, flag, old[0])
         setattr(fused, cap, old[1])
+        fused.CANDIDATE_ROUNDS = old[2]
     return r
 
 
@@ -232,7 +242,8 @@ def _main(path):
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
             elif kind.startswith("cand"):  # the thresholds from candidates (ENTMAX_ / TOPK_CANDIDATES)
                 slots, _, mode = kind[4:].partition("-")
-                r = _run_candidates(method, D, T, shift, lens, int(slots), mode)
+                slots, _, rounds = slots.partition("r")       # cand64r2: CANDIDATE_ROUNDS = 2
+                r = _run_candidates(method, D, T, shift, lens, int(slots), mode, int(rounds or 0))
             else:
                 r = _run_attention(method, D, T, shift, lens)
         except Exception as e:  # reported per case by the tests
@@ -302,3 +313,8 @@ def test_candidate_slots_are_checked(monkeypatch):
     monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", None)
     with pytest.raises(ValueError, match="fused.ENTMAX_CANDIDATES must be 0 or a power of two"):
         fused._candidate_slots(fused.ENTMAX, 0, 100)
+    monkeypatch.setattr(fused, "CANDIDATE_ROUNDS", 3)
+    assert fused._candidate_rounds() == 3
+    monkeypatch.setattr(fused, "CANDIDATE_ROUNDS", -1)
+    with pytest.raises(ValueError, match=r"fused.CANDIDATE_ROUNDS must be an int in 0..16, got -1"):
+        fused._candidate_rounds()

@@ -60,12 +60,14 @@ def main():
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []
         bcfg = fused._config("bwd", D, False, fam)
-        for save, cand in itertools.product((False, True), (0, 64) if fam in (1, 2, 3) else (0,)):
+        cands = ((0, 0), (64, 0), (64, 4)) if fam in (1, 2, 3) else ((0, 0),)  # (slots, extraction rounds)
+        for save, (cand, rounds) in itertools.product((False, True), cands):
             fcfg = fused._config("fwd", D, False, fam, cand)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand)
-            jobs.append(("fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else ""), fused._fwd_kernel,
-                         c, fcfg))
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds)
+            name = "fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else "")
+            name += f"r{rounds}" if rounds else ""
+            jobs.append((name, fused._fwd_kernel, c, fcfg))
         c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
                  BLOCK_N=bcfg[1])
         jobs += [("dkdv", fused._bwd_dkdv_kernel, c, bcfg), ("dq", fused._bwd_dq_kernel, c, bcfg)]

@@ -111,6 +111,11 @@ ENTMAX_CANDIDATES = 0
 # T = 130 0.96 vs 0.44 ms (h200_s4.log, call 2).
 TOPK_CANDIDATES: int | None = None
 TOPK_CANDIDATES_MIN_T = 1024
+# extraction rounds of the candidate pass per key tile: 0 = as many as the tile's busiest row needs
+# (a nested loop whose trip count is a reduction over the block); R > 0 = R unrolled rounds, rows with
+# more than R candidates in one tile take the search (not yet timed on a GPU: whether the nested loop
+# keeps Triton from pipelining the key loop is open, docs/benchmarks/h200_next.sh)
+CANDIDATE_ROUNDS = 0
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
@@ -199,6 +204,14 @@ def _candidate_slots(fam: int, topk: int, T: int) -> int:
     return 0 if fam != ENTMAX and c < topk + 1 else c
 
 
+def _candidate_rounds() -> int:
+    """CANDIDATE_ROUNDS, checked: an int in 0..16."""
+    r = CANDIDATE_ROUNDS
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 16:
+        raise ValueError(f"fused.CANDIDATE_ROUNDS must be an int in 0..16, got {r!r}")
+    return r
+
+
 def _saved_outputs(fam: int, save: bool):
     """(o2, of) needed for the backward: o2 = the entmax / relumax second moment, norm_relu's fp32
     output; of = relumax's fp32 output (relumax needs both)."""
@@ -230,7 +243,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
-        BLOCK_M=BM, BLOCK_N=BN, CAND=cand,
+        BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

@@ -17,7 +17,7 @@ def _fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAND: tl.constexpr,
+    CAND: tl.constexpr, CROUNDS: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -64,7 +64,7 @@ def _fwd_kernel(
 
     elif FAMILY == 1:  # ---------------------------------------------- alpha-entmax
         tau = _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n,
-                                tol_step, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N, CAND)
+                                tol_step, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N, CAND, CROUNDS)
         z = tl.zeros([BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
         u = tl.zeros([BLOCK_M], tl.float32)
@@ -151,7 +151,7 @@ def _fwd_kernel(
 
     else:  # ----------------------------------------------------------- top-K (2: softmax, 3: uniform)
         m, thr, jcut, need, tie = _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D, BD, PREC,
-                                                  MAXIT, BLOCK_M, BLOCK_N, CAND)
+                                                  MAXIT, BLOCK_M, BLOCK_N, CAND, CROUNDS)
         # output pass over the selected keys; it also finds the K-th and (K+1)-th largest scores
         # around thr, so the saved threshold is their midpoint (robust to recomputation)
         l = tl.zeros([BLOCK_M], tl.float32)

@@ -17,30 +17,43 @@ from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _scores, _upper
 
 
 @triton.jit
-def _store_candidates(ZC, st_row, x, cm, n_cand, n_kept, CAND: tl.constexpr):
+def _extract_largest(ZC, st_row, x, cm, n_kept, CAND: tl.constexpr):
+    """One extraction round: write each row's largest marked x to its next slot, unmark its copies."""
+    mx = tl.max(tl.where(cm, x, float("-inf")), 1)
+    has = mx > float("-inf")
+    tl.store(ZC + st_row * CAND + n_kept, mx, mask=has & (n_kept < CAND))
+    return cm & (x < mx[:, None]), n_kept + has.to(tl.int32)
+
+
+@triton.jit
+def _store_candidates(ZC, st_row, x, cm, n_cand, n_kept, CAND: tl.constexpr, ROUNDS: tl.constexpr):
     """Append the marked values x[cm] of one (BLOCK_M, BLOCK_N) tile to each row's CAND slots of ZC.
 
     n_cand counts the marked values, n_kept the slots written (a value is written while n_kept <
-    CAND). Rows are compacted by repeated extraction of their largest marked value, as many rounds
-    as the tile's busiest row has marks (candidates are rare, so mostly 1-3 rounds: cheaper than a
-    prefix sum over the tile). A round takes every copy of its max but writes it once, so a row
-    with a tie inside a tile ends with n_kept < n_cand: the callers treat it as not fitting.
+    CAND). Rows are compacted by repeated extraction of their largest marked value (candidates are
+    rare, so mostly 1-3 rounds: cheaper than a prefix sum over the tile). ROUNDS = 0: as many rounds
+    as the tile's busiest row has marks (a loop whose length is a reduction over the block);
+    ROUNDS = R > 0: R rounds, unrolled (no nested loop, no block-wide reduction), and a row with more
+    than R marks in one tile keeps only R. A round takes every copy of its max but writes it once.
+    So a row with a tie inside a tile, or more than R marks, ends with n_kept < n_cand; the callers
+    treat that row as not fitting.
     """
     cnt = tl.sum(cm.to(tl.int32), 1)
     n_cand += cnt
-    for _ in range(0, tl.max(cnt, 0)):
-        mx = tl.max(tl.where(cm, x, float("-inf")), 1)
-        has = mx > float("-inf")
-        tl.store(ZC + st_row * CAND + n_kept, mx, mask=has & (n_kept < CAND))
-        n_kept += has.to(tl.int32)
-        cm = cm & (x < mx[:, None])
+    if ROUNDS == 0:
+        for _ in range(0, tl.max(cnt, 0)):
+            cm, n_kept = _extract_largest(ZC, st_row, x, cm, n_kept, CAND)
+    else:
+        for _ in tl.static_range(ROUNDS):
+            cm, n_kept = _extract_largest(ZC, st_row, x, cm, n_kept, CAND)
     return n_cand, n_kept
 
 
 @triton.jit
 def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n, tol_step,
                       D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
-                      MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAND: tl.constexpr):
+                      MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAND: tl.constexpr,
+                      CROUNDS: tl.constexpr):
     """tau (BLOCK_M,) with sum_j [a s_ij - tau_i]_+^n = 1 over the admissible keys (rows with no
     admissible key: tau = -1). Starts at m - 1 (m = max z), left of the root."""
     ninf = float("-inf")
@@ -54,15 +67,15 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
     active = nonempty
     if CAND > 0:
         # candidate pass: tau* >= m - 1, so every z > m - 1 (the support and then some) goes to
-        # the row's CAND slots of ZC (position = running count + prefix sum within the tile);
-        # rows with at most CAND candidates solve tau on them in registers, the others
-        # (overflow) take the passes below
+        # the row's CAND slots of ZC (_store_candidates); rows with at most CAND candidates solve
+        # tau on them in registers, the others (overflow) take the passes below
         n_cand = tl.zeros([BLOCK_M], tl.int32)
         n_kept = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
             zs = s * a_scale
-            n_cand, n_kept = _store_candidates(ZC, st_row, zs, adm & (zs > tau[:, None]), n_cand, n_kept, CAND)
+            n_cand, n_kept = _store_candidates(ZC, st_row, zs, adm & (zs > tau[:, None]), n_cand, n_kept,
+                                               CAND, CROUNDS)
         solve = nonempty & (n_cand <= CAND) & (n_kept == n_cand)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
@@ -107,7 +120,7 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
 @triton.jit
 def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr, BD: tl.constexpr,
                     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    CAND: tl.constexpr):
+                    CAND: tl.constexpr, CROUNDS: tl.constexpr):
     """(m, thr, jcut, need, tie), all (BLOCK_M,): the row max m; keys with s > thr, or s == thr and
     index < jcut, are exactly the min(K, |A_i|) selected ones (need: |A_i| > K, the rows that
     select; tie: rows whose K-th score is tied, resolved by the index cut jcut)."""
@@ -158,7 +171,8 @@ def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr,
         n_kept = tl.zeros([BLOCK_M], tl.int32)
         for start_n in range(0, n_hi, BLOCK_N):
             s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            n_cand, n_kept = _store_candidates(ZC, st_row, s, adm & (s > t0[:, None]), n_cand, n_kept, CAND)
+            n_cand, n_kept = _store_candidates(ZC, st_row, s, adm & (s > t0[:, None]), n_cand, n_kept,
+                                               CAND, CROUNDS)
         fit = need & (n_cand >= topk + 1) & (n_cand <= CAND)
         offs_c = tl.arange(0, CAND)
         zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
