@@ -12,7 +12,8 @@ D = 16 and 32, T <= 100 with blocks of 32 (several blocks, T not a multiple of t
 backward's unmasked interior tiles); exact top-K tie handling and exact selection on long random
 rows; the entmax and top-K thresholds from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES:
 with rows that do not fit, with ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone
-with the searches cut to one pass); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
+with the searches cut to one pass); the entmax forward without the mask on interior tiles
+(fused.FORWARD_MASK_SPLIT); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
 leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
@@ -45,6 +46,8 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          # sparsemax keeps few candidates per tile: 8 rounds hold them all, one pass is exact (top-K
          # rows shorter than the slots mark every key, so limited rounds send them to the search)
          + [("cand64r8-1pass", "epanechnikov", 32, 48, 0, "short+empty")]
+         + [("split", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "entmax_1.7")]
+         + [("split", "triweight", 32, 70, 0, None)]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 # 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
@@ -138,6 +141,19 @@ def _run_candidates(method, D, T, shift, lens, slots, mode, rounds=0):
         setattr(fused, cap, old[1])
         fused.CANDIDATE_ROUNDS = old[2]
     return r
+
+
+def _run_mask_split(method, D, T, shift, lens):
+    """fused.FORWARD_MASK_SPLIT on: the entmax forward's max, Newton and output passes take the key
+    tiles every row of the query block sees whole without a mask (T = 100: 4 blocks of 32)."""
+    from sparse_mosaics.attention import fused
+
+    old = fused.FORWARD_MASK_SPLIT
+    try:
+        fused.FORWARD_MASK_SPLIT = True
+        return _run_attention(method, D, T, shift, lens)
+    finally:
+        fused.FORWARD_MASK_SPLIT = old
 
 
 def _run_ties(method, D, T, shift, ties=True):
@@ -240,6 +256,8 @@ def _main(path):
                 r = _run_compiled(method, D, T, shift)
             elif kind == "fp16":
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
+            elif kind == "split":  # fused.FORWARD_MASK_SPLIT: entmax forward passes without the mask
+                r = _run_mask_split(method, D, T, shift, lens)
             elif kind.startswith("cand"):  # the thresholds from candidates (ENTMAX_ / TOPK_CANDIDATES)
                 slots, _, mode = kind[4:].partition("-")
                 slots, _, rounds = slots.partition("r")       # cand64r2: CANDIDATE_ROUNDS = 2

@@ -60,13 +60,15 @@ def main():
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []
         bcfg = fused._config("bwd", D, False, fam)
-        cands = ((0, 0), (64, 0), (64, 4)) if fam in (1, 2, 3) else ((0, 0),)  # (slots, extraction rounds)
-        for save, (cand, rounds) in itertools.product((False, True), cands):
+        # (candidate slots, extraction rounds, forward mask split)
+        variants = ((0, 0, False), (64, 0, False), (64, 4, False)) if fam in (1, 2, 3) else ((0, 0, False),)
+        variants += ((0, 0, True),) if fam == 1 else ()
+        for save, (cand, rounds, split) in itertools.product((False, True), variants):
             fcfg = fused._config("fwd", D, False, fam, cand)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds)
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split)
             name = "fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else "")
-            name += f"r{rounds}" if rounds else ""
+            name += (f"r{rounds}" if rounds else "") + ("+split" if split else "")
             jobs.append((name, fused._fwd_kernel, c, fcfg))
         c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, PREC=prec, BLOCK_M=bcfg[0],
                  BLOCK_N=bcfg[1])

@@ -1,7 +1,7 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
     PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D] [--candidates=C]
-        [--fwd=BM,BN,W,S/BM,BN,W,S...] [--rounds=R]
+        [--fwd=BM,BN,W,S/BM,BN,W,S...] [--rounds=R] [--split]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64 (or --shape), bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -63,6 +63,10 @@ if __name__ == "__main__":
         args.remove(a)
         fused.CANDIDATE_ROUNDS = int(a.split("=", 1)[1])
         print(f"tune: CANDIDATE_ROUNDS = {fused.CANDIDATE_ROUNDS}", flush=True)
+    if "--split" in args:  # fused.FORWARD_MASK_SPLIT
+        args.remove("--split")
+        fused.FORWARD_MASK_SPLIT = True
+        print("tune: FORWARD_MASK_SPLIT = True", flush=True)
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
     shape = (32, 8, 4096, 64)

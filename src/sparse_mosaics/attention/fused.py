@@ -116,6 +116,9 @@ TOPK_CANDIDATES_MIN_T = 1024
 # more than R candidates in one tile take the search (not yet timed on a GPU: whether the nested loop
 # keeps Triton from pipelining the key loop is open, docs/benchmarks/h200_next.sh)
 CANDIDATE_ROUNDS = 0
+# entmax forward: the max, Newton / Halley and output passes take the key tiles that every row of
+# the query block sees whole without a mask (as the backward does; not yet timed on a GPU)
+FORWARD_MASK_SPLIT = False
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
@@ -244,6 +247,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
+        SPLIT=bool(FORWARD_MASK_SPLIT),
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

@@ -11,13 +11,35 @@ from .fused_tiles import _load_rows, _pow_n, _pow_n1, _scores
 
 
 @triton.jit
+def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale, n_exp, T,
+                     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                     NINT: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """The entmax output pass over one key tile: acc += d^n v, z += sum d^n, and for the backward
+    acc2 += d^(n-1) v, u += sum d^(n-1), d = [a s - tau]_+ (MASKED=False: every key admissible)."""
+    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+    d = tl.maximum(s * a_scale - tau[:, None], 0.0)
+    if MASKED:
+        d = tl.where(adm, d, 0.0)
+    p = _pow_n(d, n_exp, NINT)
+    v = _load_rows(v_base, offs_n, T, DV, BDV)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    z += tl.sum(p, 1)
+    if SAVE:
+        pu = _pow_n1(d, n_exp, NINT)
+        acc2 += tl.dot(pu.to(v.dtype), v, input_precision=PREC)
+        u += tl.sum(pu, 1)
+    return acc, z, acc2, u
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, O2, OF, ST, IS, LENS, ZC,
     T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAND: tl.constexpr, CROUNDS: tl.constexpr,
+    CAND: tl.constexpr, CROUNDS: tl.constexpr, SPLIT: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -63,22 +85,22 @@ def _fwd_kernel(
         tl.store(ST + st_row, lse2, mask=row_ok)
 
     elif FAMILY == 1:  # ---------------------------------------------- alpha-entmax
-        tau = _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n,
+        # keys below n_full are admissible for every row of the block: no mask there
+        if SPLIT:
+            n_full = tl.minimum((tl.maximum(tl.minimum(start_m - shift + 1, Lb), 0) // BLOCK_N) * BLOCK_N, n_hi)
+        else:
+            n_full = 0
+        tau = _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n,
                                 tol_step, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N, CAND, CROUNDS)
         z = tl.zeros([BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
         u = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, n_hi, BLOCK_N):
-            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            d = tl.where(adm, tl.maximum(s * a_scale - tau[:, None], 0.0), 0.0)
-            p = _pow_n(d, n_exp, NINT)
-            v = _load_rows(v_base, offs_n, T, DV, BDV)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-            z += tl.sum(p, 1)
-            if SAVE:
-                pu = _pow_n1(d, n_exp, NINT)
-                acc2 += tl.dot(pu.to(v.dtype), v, input_precision=PREC)
-                u += tl.sum(pu, 1)
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, z, acc2, u = _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale,
+                                               n_exp, T, D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, False)
+        for start_n in range(n_full, n_hi, BLOCK_N):
+            acc, z, acc2, u = _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale,
+                                               n_exp, T, D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, True)
         z_safe = tl.where(z > 0, z, 1.0)
         out = acc / z_safe[:, None]
         tl.store(ST + st_row, tau, mask=row_ok)

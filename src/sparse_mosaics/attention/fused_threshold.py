@@ -50,17 +50,47 @@ def _store_candidates(ZC, st_row, x, cm, n_cand, n_kept, CAND: tl.constexpr, ROU
 
 
 @triton.jit
-def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n_exp, inv_n, tol_step,
+def _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D: tl.constexpr, BD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    """mz updated with the row max of z = a s over one key tile (MASKED=False: every key admissible)."""
+    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+    z = s * a_scale
+    if MASKED:
+        z = tl.where(adm, z, float("-inf"))
+    return tl.maximum(mz, tl.max(z, 1))
+
+
+@triton.jit
+def _entmax_sums_tile(q, k_base, start_n, last, tau, f, f1, f2, a_scale, n_exp, T, D: tl.constexpr,
+                      BD: tl.constexpr, NINT: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+                      MASKED: tl.constexpr):
+    """f, f1, f2 += sum_j d^n, d^(n-1), d^(n-2) over one key tile, d = [z - tau]_+ (the Newton /
+    Halley sums; MASKED=False: every key admissible)."""
+    s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
+    d = tl.maximum(s * a_scale - tau[:, None], 0.0)
+    if MASKED:
+        d = tl.where(adm, d, 0.0)
+    f += tl.sum(_pow_n(d, n_exp, NINT), 1)
+    f1 += tl.sum(_pow_n1(d, n_exp, NINT), 1)
+    if NINT >= 2:
+        f2 += tl.sum(_pow_n2(d, NINT), 1)
+    return f, f1, f2
+
+
+@triton.jit
+def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n, tol_step,
                       D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
                       MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAND: tl.constexpr,
                       CROUNDS: tl.constexpr):
     """tau (BLOCK_M,) with sum_j [a s_ij - tau_i]_+^n = 1 over the admissible keys (rows with no
-    admissible key: tau = -1). Starts at m - 1 (m = max z), left of the root."""
+    admissible key: tau = -1). Starts at m - 1 (m = max z), left of the root. Keys below n_full are
+    admissible for every row of the block: the max and Newton passes take them without a mask."""
     ninf = float("-inf")
     mz = tl.full([BLOCK_M], ninf, tl.float32)
-    for start_n in range(0, n_hi, BLOCK_N):
-        s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-        mz = tl.maximum(mz, tl.max(tl.where(adm, s * a_scale, ninf), 1))
+    for start_n in range(0, n_full, BLOCK_N):
+        mz = _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D, BD, BLOCK_N, PREC, False)
+    for start_n in range(n_full, n_hi, BLOCK_N):
+        mz = _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D, BD, BLOCK_N, PREC, True)
     mz = tl.where(nonempty, mz, 0.0)
     tau = mz - 1.0
     tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)  # next error ~ step^2 (Newton), ~ step^3 (Halley)
@@ -102,13 +132,12 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_hi, T, a_scale, n
         f = tl.zeros([BLOCK_M], tl.float32)
         f1 = tl.zeros([BLOCK_M], tl.float32)
         f2 = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, n_hi, BLOCK_N):
-            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            d = tl.where(adm, tl.maximum(s * a_scale - tau[:, None], 0.0), 0.0)
-            f += tl.sum(_pow_n(d, n_exp, NINT), 1)
-            f1 += tl.sum(_pow_n1(d, n_exp, NINT), 1)
-            if NINT >= 2:
-                f2 += tl.sum(_pow_n2(d, NINT), 1)
+        for start_n in range(0, n_full, BLOCK_N):
+            f, f1, f2 = _entmax_sums_tile(q, k_base, start_n, last, tau, f, f1, f2, a_scale, n_exp, T, D, BD,
+                                          NINT, BLOCK_N, PREC, False)
+        for start_n in range(n_full, n_hi, BLOCK_N):
+            f, f1, f2 = _entmax_sums_tile(q, k_base, start_n, last, tau, f, f1, f2, a_scale, n_exp, T, D, BD,
+                                          NINT, BLOCK_N, PREC, True)
         step = tl.where(active & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
         tau = tau + step
         active = active & (tl.abs(step) > tol)
