@@ -52,9 +52,9 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  Tie rule: if several scores equal the K-th largest value, all strictly larger ones
                  are kept plus the lowest-index tied ones, so exactly min(K, |A_i|) keys are kept
                  (found by a bisection on the index cut, only in blocks that have a tie).
-                 Rows of 1024+ keys first try the candidates (TOPK_CANDIDATES, 64 slots): after
-                 the min/max pass, one pass stores the scores above a guess t0 in 64 slots per row;
-                 rows with K + 1 to 64 of them find theta in registers, the others search.
+                 Sequences of T >= 1024 first try the candidates (TOPK_CANDIDATES, 64 slots):
+                 after the min/max pass, one pass stores the scores above a guess t0 in 64 slots
+                 per row; rows with K + 1 to 64 of them find theta in registers, the others search.
                  topk_softmax: softmax over the selected keys; topk_uniform: 1/min(K, |A_i|) each,
                  no gradient to q, k (piecewise constant in the scores).
 
@@ -106,9 +106,9 @@ ENTMAX_CANDIDATES = 0
 # top-K threshold from candidates: 0 = the counting search; a power of two C >= 16 (and > K) = after
 # the min/max pass, one pass stores the scores above a Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2
 # of them) in C slots per row; rows with K + 1 to C candidates find the K-th and (K+1)-th largest
-# among them in registers, the others search. None (default) = 64 slots for rows longer than
-# TOPK_CANDIDATES_MIN_T, none for shorter ones: top16 forward at T = 4096 12.3 ms vs 16.2 without; at
-# T = 130 0.96 vs 0.44 ms (h200_s4.log, call 2).
+# among them in registers, the others search. None (default) = 64 slots when T >=
+# TOPK_CANDIDATES_MIN_T, none for shorter sequences: top16 forward at T = 4096 12.3 ms vs 16.2
+# without; at T = 130 0.96 vs 0.44 ms (h200_s4.log, call 2).
 TOPK_CANDIDATES: int | None = None
 TOPK_CANDIDATES_MIN_T = 1024
 # extraction rounds of the candidate pass per key tile: 0 = as many as the tile's busiest row needs
