@@ -66,6 +66,19 @@ def _bwd_tile(s, adm, offs_n, dp, st0, st1, st2, ist, rowc, qq, kk, a_scale, n_e
 
 
 @triton.jit
+def _row_stats(ST, IS, RC, bh, offs_m, row_ok, T, BH):
+    """The forward's saved statistics of a block of query rows (st[0..2], the index statistic) and
+    the row constant of the Jacobian; rows past T get harmless fillers."""
+    st_row = bh.to(tl.int64) * T + offs_m
+    st0 = tl.load(ST + st_row, mask=row_ok, other=1.0)
+    st1 = tl.load(ST + BH * T + st_row, mask=row_ok, other=1.0)
+    st2 = tl.load(ST + 2 * BH * T + st_row, mask=row_ok, other=1.0)
+    ist = tl.load(IS + st_row, mask=row_ok, other=0)
+    rowc = tl.load(RC + st_row, mask=row_ok, other=0.0)
+    return st0, st1, st2, ist, rowc
+
+
+@triton.jit
 def _dkdv_step(Q, DO, ST, IS, RC, off_qk, off_v, bh, start_m, k, v, kk, offs_n, dk, dv, csum,
                T, BH, shift, Lb, a_scale, n_exp, two_m_alpha,
                D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
@@ -77,12 +90,7 @@ def _dkdv_step(Q, DO, ST, IS, RC, off_qk, off_v, bh, start_m, k, v, kk, offs_n, 
     row_ok = offs_m < T
     q = _load_rows(Q + off_qk, offs_m, T, D, BD)
     do = _load_rows(DO + off_v, offs_m, T, DV, BDV)
-    st_row = bh.to(tl.int64) * T + offs_m
-    st0 = tl.load(ST + st_row, mask=row_ok, other=1.0)
-    st1 = tl.load(ST + BH * T + st_row, mask=row_ok, other=1.0)
-    st2 = tl.load(ST + 2 * BH * T + st_row, mask=row_ok, other=1.0)
-    ist = tl.load(IS + st_row, mask=row_ok, other=0)
-    rowc = tl.load(RC + st_row, mask=row_ok, other=0.0)
+    st0, st1, st2, ist, rowc = _row_stats(ST, IS, RC, bh, offs_m, row_ok, T, BH)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)     # (BM, BN), same orientation as fwd
     if MASKED:
         last = tl.minimum(offs_m - shift, Lb - 1)
@@ -208,12 +216,7 @@ def _bwd_dq_kernel(
     n_hi = tl.maximum(tl.minimum(start_m + BLOCK_M - shift, Lb), 0)
     q = _load_rows(Q + off_qk, offs_m, T, D, BD)
     do = _load_rows(DO + off_v, offs_m, T, DV, BDV)
-    st_row = bh.to(tl.int64) * T + offs_m
-    st0 = tl.load(ST + st_row, mask=row_ok, other=1.0)
-    st1 = tl.load(ST + BH * T + st_row, mask=row_ok, other=1.0)
-    st2 = tl.load(ST + 2 * BH * T + st_row, mask=row_ok, other=1.0)
-    ist = tl.load(IS + st_row, mask=row_ok, other=0)
-    rowc = tl.load(RC + st_row, mask=row_ok, other=0.0)
+    st0, st1, st2, ist, rowc = _row_stats(ST, IS, RC, bh, offs_m, row_ok, T, BH)
     qf = q.to(tl.float32)
     qq = tl.sum(qf * qf, 1)
     dq = tl.zeros([BLOCK_M, BD], tl.float32)
