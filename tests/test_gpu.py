@@ -44,21 +44,42 @@ def test_bf16_d128(method):
     _check(method, 128, torch.bfloat16, 1, False, "normal", 256)
 
 
-@pytest.mark.parametrize("method", ("epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7",
-                                    "top16_softmax", "top16_uniform"))
+@pytest.mark.parametrize("method", ("top16_softmax", "top16_uniform"))
 def test_threshold_from_candidates(method):
-    """fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES (opt-in): thresholds solved on the candidates give
-    the reference's outputs and gradients (bf16 and fp32; rows that do not fit take the passes)."""
+    """fused.TOPK_CANDIDATES at every length (the default takes them from T = 1024 on): thresholds
+    solved on the candidates give the reference's outputs and gradients (bf16 and fp32; rows that
+    do not fit take the search)."""
     from sparse_mosaics.attention import fused
 
-    old = fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES
-    fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES = 32, 64
+    old = fused.TOPK_CANDIDATES
+    fused.TOPK_CANDIDATES = 64
     try:
         _check(method, 64, torch.bfloat16, 1, True, "mosaic", 600)
         _check(method, 16, torch.float32, 1, False, "mosaic", 333)
+    finally:
+        fused.TOPK_CANDIDATES = old
+
+
+@pytest.mark.parametrize("method", ("epanechnikov", "biweight", "triweight", "entmax_1.25", "entmax_1.7"))
+@pytest.mark.parametrize("setting", ("m1", "foldonly"))
+def test_entmax_start_and_fold(method, setting):
+    """The entmax start and the output pass's folded last step at full size: the plain start m - 1
+    (ENTMAX_TOP = (1, 1)), and no threshold passes at all (MAX_NEWTON = 0, 8 output passes whose
+    folded steps do the search), still give the reference's outputs and gradients."""
+    from sparse_mosaics.attention import fused
+
+    old = fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS, fused.MAX_NEWTON
+    if setting == "m1":
+        fused.ENTMAX_TOP = (1, 1)
+    else:
+        fused.MAX_NEWTON, fused.ENTMAX_FOLD_ROUNDS = 0, 8
+        if method == "epanechnikov":
+            fused.ENTMAX_TOP = (1, 1)
+    try:
+        _check(method, 64, torch.bfloat16, 1, True, "mosaic", 600)
         _check(method, 64, torch.bfloat16, 0, False, "normal", 1024)
     finally:
-        fused.ENTMAX_CANDIDATES, fused.TOPK_CANDIDATES = old
+        fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS, fused.MAX_NEWTON = old
 
 
 def test_fused_softmax_with_lengths():

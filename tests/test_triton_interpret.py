@@ -10,9 +10,11 @@ Covered: all attention families (softmax through the fused kernel, entmax alpha 
 forward and gradients of q, k, v, shift 0 and 1, lengths (with a short and an empty sample),
 D = 16 and 32, T <= 100 with blocks of 32 (several blocks, T not a multiple of the block, the
 backward's unmasked interior tiles); exact top-K tie handling and exact selection on long random
-rows; the entmax and top-K thresholds from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES:
-with rows that do not fit, with ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone
-with the searches cut to one pass); the entmax forward without the mask on interior tiles
+rows; the top-K threshold from candidates (fused.TOPK_CANDIDATES: with rows that do not fit, with
+ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone with the search cut to one
+pass); the entmax start from the kept tile maxima and the output pass's folded last step
+(fused.ENTMAX_TOP, ENTMAX_FOLD_ROUNDS: the plain start, the fold alone doing the search, the start
+alone exact for sparsemax, each with a control that must fail); the entmax forward without the mask on interior tiles
 (fused.FORWARD_MASK_SPLIT); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
 leaky-average scan forward / backward (x and lam), T not a multiple of the
 chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
@@ -37,15 +39,13 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("select", m, 16, 230, 1, None) for m in ("top16_uniform", "top4_softmax")]
          + [("compiled", m, 16, 40, 1, "lens") for m in ("biweight", "relumax", "top4_softmax")]
          + [("fp16", m, 32, 48, 1, "short+empty") for m in ("biweight", "triweight", "entmax_1.7")]
-         + [(f"cand{c}", m, 16, 70, 1, None) for c in (16, 64) for m in ("epanechnikov", "biweight", "entmax_1.7")]
-         + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("epanechnikov", "biweight")]
+         + [("start-m1", m, 16, 70, 1, None) for m in ("epanechnikov", "biweight", "triweight", "entmax_1.7")]
+         + [("start-foldonly", m, 32, 48, 0, "short+empty") for m in ("epanechnikov", "biweight", "triweight", "entmax_1.25")]
+         + [("start-top0", "epanechnikov", 16, 100, 1, None)]
          + [("cand32-select", m, 16, 230, 1, None) for m in ("top4_softmax", "top16_uniform")]
          + [("cand64-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
          + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
-         + [("cand64r1", m, 16, 70, 1, None) for m in ("epanechnikov", "biweight", "top4_softmax")]
-         # sparsemax keeps few candidates per tile: 8 rounds hold them all, one pass is exact (top-K
-         # rows shorter than the slots mark every key, so limited rounds send them to the search)
-         + [("cand64r8-1pass", "epanechnikov", 32, 48, 0, "short+empty")]
+         + [("cand64r1", "top4_softmax", 16, 70, 1, None)]
          + [("split", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "entmax_1.7")]
          + [("split", "triweight", 32, 70, 0, None)]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
@@ -107,18 +107,15 @@ def _run_attention(method, D, T, shift, lens, dtype="float32"):
 
 
 def _run_candidates(method, D, T, shift, lens, slots, mode, rounds=0):
-    """The threshold from candidates (fused.ENTMAX_CANDIDATES / TOPK_CANDIDATES = slots). Entmax:
-    16 slots leave some rows with more candidates than slots (they take the passes), 64 hold
-    every row here; top-K at T = 230 with 32 slots: the Gaussian guess of t0 fits some rows and
-    misses others. mode "select" / "ties": exact selection (``_run_ties``); "1pass": the searches
-    cut to one pass (MAX_NEWTON / MAX_SELECT = 1), so only rows solved from their candidates are
-    exact; the same run without candidates must be wrong ("control": more than 10 x TOL off).
-    rounds: fused.CANDIDATE_ROUNDS (1: most rows keep too few candidates and take the search)."""
+    """The top-K threshold from candidates (fused.TOPK_CANDIDATES = slots): at T = 230 with 32 slots
+    the Gaussian guess of t0 fits some rows and misses others. mode "select" / "ties": exact
+    selection (``_run_ties``); "1pass": the search cut to one pass (MAX_SELECT = 1), so only rows
+    solved from their candidates are exact; the same run without candidates must be wrong
+    ("control": more than 10 x TOL off). rounds: fused.CANDIDATE_ROUNDS (1: most rows keep too few
+    candidates and take the search)."""
     from sparse_mosaics.attention import fused
-    from sparse_mosaics.attention.registry import get_method
 
-    topk = get_method(method).family.startswith("topk")
-    flag, cap = ("TOPK_CANDIDATES", "MAX_SELECT") if topk else ("ENTMAX_CANDIDATES", "MAX_NEWTON")
+    flag, cap = "TOPK_CANDIDATES", "MAX_SELECT"
     old = getattr(fused, flag), getattr(fused, cap), fused.CANDIDATE_ROUNDS
 
     def run():
@@ -141,6 +138,40 @@ def _run_candidates(method, D, T, shift, lens, slots, mode, rounds=0):
         setattr(fused, cap, old[1])
         fused.CANDIDATE_ROUNDS = old[2]
     return r
+
+
+def _run_entmax_start(method, D, T, shift, lens, mode):
+    """The entmax start and the output pass's fold (fused.ENTMAX_TOP, ENTMAX_FOLD_ROUNDS, MAX_NEWTON).
+    "m1": the plain start m - 1 (ENTMAX_TOP = (1, 1)): more passes, and sparsemax, which takes none
+    before its output pass, folds wrongly at first and must fall back to passes and a second output
+    pass. "foldonly": no threshold passes (MAX_NEWTON = 0), 8 output passes: each one's folded step
+    is taken and the next pass checks it, so they alone must reach the root (sparsemax from m - 1);
+    the control, a single output pass, must be wrong. "top0": sparsemax with no threshold pass and
+    one output pass is exact only through the kept tile maxima (4 per tile here: its support is
+    among them); the control from m - 1 must be wrong."""
+    from sparse_mosaics.attention import fused
+
+    sparsemax = method == "epanechnikov"
+    old = fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS, fused.MAX_NEWTON
+    try:
+        if mode == "m1":
+            fused.ENTMAX_TOP = (1, 1)
+            return _run_attention(method, D, T, shift, lens)
+        fused.MAX_NEWTON = 0
+        if mode == "foldonly":
+            fused.ENTMAX_TOP = (1, 1) if sparsemax else None
+            fused.ENTMAX_FOLD_ROUNDS = 8
+            r = _run_attention(method, D, T, shift, lens)
+            fused.ENTMAX_FOLD_ROUNDS = 1
+        else:
+            fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS = (16, 4), 1
+            r = _run_attention(method, D, T, shift, lens)
+            fused.ENTMAX_TOP = (1, 1)
+        control = _run_attention(method, D, T, shift, lens)
+        r["control_ok"] = float(max(v for k, v in control.items() if k != "empty_max") > 10 * TOL)
+        return r
+    finally:
+        fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS, fused.MAX_NEWTON = old
 
 
 def _run_mask_split(method, D, T, shift, lens):
@@ -258,6 +289,8 @@ def _main(path):
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
             elif kind == "split":  # fused.FORWARD_MASK_SPLIT: entmax forward passes without the mask
                 r = _run_mask_split(method, D, T, shift, lens)
+            elif kind.startswith("start-"):  # the entmax start and fold
+                r = _run_entmax_start(method, D, T, shift, lens, kind[6:])
             elif kind.startswith("cand"):  # the thresholds from candidates (ENTMAX_ / TOPK_CANDIDATES)
                 slots, _, mode = kind[4:].partition("-")
                 slots, _, rounds = slots.partition("r")       # cand64r2: CANDIDATE_ROUNDS = 2
@@ -310,7 +343,7 @@ if __name__ == "__main__":
 
 
 def test_candidate_slots_are_checked(monkeypatch):
-    """A bad ENTMAX_ / TOPK_CANDIDATES value names the flag; top-K skips slots that cannot hold K + 1;
+    """A bad TOPK_CANDIDATES value names the flag; top-K skips slots that cannot hold K + 1;
     the top-K default (None) takes 64 slots from TOPK_CANDIDATES_MIN_T keys on, none below."""
     pytest.importorskip("triton")
     from sparse_mosaics.attention import fused
@@ -326,13 +359,25 @@ def test_candidate_slots_are_checked(monkeypatch):
     assert fused._candidate_slots(fused.TOPK_SOFTMAX, 16, t) == 64
     assert fused._candidate_slots(fused.TOPK_SOFTMAX, 16, t - 1) == 0
     assert fused._candidate_slots(fused.TOPK_SOFTMAX, 64, t) == 0  # 64 slots cannot hold K + 1 = 65
-    monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", 64)
-    assert fused._candidate_slots(fused.ENTMAX, 0, 100) == 64 and fused._candidate_slots(fused.NORM_RELU, 0, 100) == 0
-    monkeypatch.setattr(fused, "ENTMAX_CANDIDATES", None)
-    with pytest.raises(ValueError, match="fused.ENTMAX_CANDIDATES must be 0 or a power of two"):
-        fused._candidate_slots(fused.ENTMAX, 0, 100)
+    assert fused._candidate_slots(fused.ENTMAX, 0, t) == 0 and fused._candidate_slots(fused.NORM_RELU, 0, t) == 0
     monkeypatch.setattr(fused, "CANDIDATE_ROUNDS", 3)
     assert fused._candidate_rounds() == 3
     monkeypatch.setattr(fused, "CANDIDATE_ROUNDS", -1)
     with pytest.raises(ValueError, match=r"fused.CANDIDATE_ROUNDS must be an int in 0..16, got -1"):
         fused._candidate_rounds()
+
+
+def test_entmax_start_is_checked(monkeypatch):
+    """ENTMAX_TOP: the default keeps 16 tile maxima (2 per tile for sparsemax, 1 otherwise), cut to
+    what a short row can have; a bad value, or a bad ENTMAX_FOLD_ROUNDS, names the flag."""
+    pytest.importorskip("triton")
+    from sparse_mosaics.attention import fused
+
+    assert fused._entmax_top(1, 4096, 32) == (16, 2) and fused._entmax_top(2, 4096, 32) == (16, 1)
+    assert fused._entmax_top(2, 130, 32) == (8, 1) and fused._entmax_top(1, 40, 32) == (4, 2)
+    monkeypatch.setattr(fused, "ENTMAX_TOP", (4, 8))
+    with pytest.raises(ValueError, match=r"fused.ENTMAX_TOP must be None or \(R, PER\) with 1 <= PER <= R <= 32, got \(4, 8\)"):
+        fused._entmax_top(2, 4096, 32)
+    monkeypatch.setattr(fused, "ENTMAX_FOLD_ROUNDS", 0)
+    with pytest.raises(ValueError, match="fused.ENTMAX_FOLD_ROUNDS must be an int in 1..8, got 0"):
+        fused._fold_rounds()

@@ -34,7 +34,7 @@ def signature(fn, dtype, consts):
             sig[n] = "*i32"
         elif n in INTS:
             sig[n] = "i32"
-        elif n in ("a_scale", "n_exp", "inv_n", "two_m_alpha", "tol_step"):
+        elif n in ("a_scale", "n_exp", "inv_n", "two_m_alpha", "tol_step", "tol_fold"):
             sig[n] = "fp32"
         else:
             sig[n] = "*" + dtype
@@ -60,13 +60,15 @@ def main():
         prec = "tf32" if dtype == "bf16" else fused.FP32_PRECISION
         jobs = []
         bcfg = fused._config("bwd", D, False, fam)
-        # (candidate slots, extraction rounds, forward mask split)
-        variants = ((0, 0, False), (64, 0, False), (64, 4, False)) if fam in (1, 2, 3) else ((0, 0, False),)
+        # (top-K candidate slots, extraction rounds, entmax forward mask split)
+        variants = ((0, 0, False), (64, 0, False), (64, 4, False)) if fam in (2, 3) else ((0, 0, False),)
         variants += ((0, 0, True),) if fam == 1 else ()
         for save, (cand, rounds, split) in itertools.product((False, True), variants):
             fcfg = fused._config("fwd", D, False, fam, cand)
+            topr, topper = fused._entmax_top(nint, 4096, fcfg[1]) if fam == 1 else (1, 1)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split)
+                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split,
+                     TOPR=topr, TOPPER=topper, ROUNDS=fused._fold_rounds() if fam == 1 else 1)
             name = "fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else "")
             name += (f"r{rounds}" if rounds else "") + ("+split" if split else "")
             jobs.append((name, fused._fwd_kernel, c, fcfg))

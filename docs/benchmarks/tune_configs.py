@@ -1,7 +1,7 @@
 """Block-size sweep of the fused attention kernels on the GPU (developer tool, not part of the CLI).
 
-    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D] [--candidates=C]
-        [--fwd=BM,BN,W,S/BM,BN,W,S...] [--rounds=R] [--split]
+    PYTHONPATH=src python docs/benchmarks/tune_configs.py [methods] [--fwd-only] [--shape=B,H,T,D]
+        [--fwd=BM,BN,W,S/BM,BN,W,S...] [the knobs of knobs.py: --candidates=C --rounds=R --top=R,PER ...]
 
 Times forward and forward+backward at B=32, H=8, T=4096, D=64 (or --shape), bf16 for a few (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of the forward and backward kernels; prints one line per configuration.
@@ -13,6 +13,8 @@ import torch
 
 from sparse_mosaics.attention import fused, get_method
 from sparse_mosaics.bench import _bench_ms, make_inputs
+
+from knobs import apply_knobs
 
 FWD = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)]
 BWD = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 1)]
@@ -54,19 +56,7 @@ def main(methods, fwd_only=False, shape=(32, 8, 4096, 64), fwd=None):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    for a in [a for a in args if a.startswith("--candidates=")]:  # fused.ENTMAX_ / TOPK_CANDIDATES
-        args.remove(a)
-        fused.ENTMAX_CANDIDATES = fused.TOPK_CANDIDATES = int(a.split("=", 1)[1])
-        print(f"tune: ENTMAX_CANDIDATES = TOPK_CANDIDATES = {fused.ENTMAX_CANDIDATES}", flush=True)
-    for a in [a for a in args if a.startswith("--rounds=")]:  # fused.CANDIDATE_ROUNDS
-        args.remove(a)
-        fused.CANDIDATE_ROUNDS = int(a.split("=", 1)[1])
-        print(f"tune: CANDIDATE_ROUNDS = {fused.CANDIDATE_ROUNDS}", flush=True)
-    if "--split" in args:  # fused.FORWARD_MASK_SPLIT
-        args.remove("--split")
-        fused.FORWARD_MASK_SPLIT = True
-        print("tune: FORWARD_MASK_SPLIT = True", flush=True)
+    args = apply_knobs(sys.argv[1:], "tune")
     fwd_only = "--fwd-only" in args
     args = [a for a in args if a != "--fwd-only"]
     shape = (32, 8, 4096, 64)

@@ -17,21 +17,26 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  ``lengths``): queries q[:, :, shift:] against keys k[:, :, :T-shift] with
                  is_causal, the first ``shift`` rows 0. With ``lengths`` or fp32 inputs: the Triton
                  online-softmax kernel (one pass).
-* entmax      -- p_ij = [(a s_ij - tau_i)]_+^n / Z_i with a = alpha - 1, n = 1/a.  Pass 1: row max
-                 m of z = a s (tau is in [m - 1, m)).  Newton passes on the n-th root
-                 g(tau) = (sum_j [z_j - tau]_+^n)^(1/n) - 1, which is convex and decreasing, so
-                 Newton from tau_0 = m - 1 increases monotonically to the root (quadratically;
-                 about 4-6 passes to fp32 accuracy, exact in finitely many steps for n = 1, where
-                 it is Michelot's algorithm). For n in {2, 3, 4} the passes also sum d^(n-2) and
-                 take Halley steps (cubic; one or two passes fewer; a step that lands right of the
-                 root is followed by Newton steps, which land left of it); a block stops as soon as every row's step is below
-                 max(h, 1e-6 |m|) (the support of z has unit width, so this is scale-free), with
-                 h = 1e-3 for fp32 inputs and sparsemax (tau to ~1e-6) and 1e-2 (Halley) / 3e-3
-                 (Newton) for 16-bit inputs (tau to ~1e-4, below their rounding; ``_newton_tol``).  Last
-                 pass: output, normalised by Z = sum p (= 1 up to the tolerance) so weights sum to 1.
-                 Opt-in (ENTMAX_CANDIDATES = C): after the max pass, one pass stores every
-                 z > m - 1 (a superset of the support, since tau >= m - 1) in C slots per row;
-                 rows with at most C candidates iterate on them in registers, skipping the passes.
+* entmax      -- p_ij = [(a s_ij - tau_i)]_+^n / Z_i with a = alpha - 1, n = 1/a.
+                 Pass 1 (the start): each row keeps its R = 16 largest tile maxima of z = a s
+                 (2 per key tile for sparsemax, 1 otherwise) and solves tau on them alone; they are
+                 a subset of the row, so tau_0 <= tau* (left of the root, far closer than m - 1).
+                 Then Newton / Halley passes on the n-th root g(tau) = (sum_j [z_j - tau]_+^n)^(1/n)
+                 - 1, convex and decreasing, so Newton from the left rises monotonically to the root
+                 (exact in finitely many steps for n = 1: Michelot's algorithm); for n in {2, 3, 4}
+                 the passes also sum d^(n-2) and take Halley steps (cubic; a step that lands right
+                 of the root is followed by Newton steps, which land left of it). A row stops once
+                 its step is at most 0.2 (Halley; one pass from this start on random scores) or
+                 1e-3 (sparsemax, which usually starts at the root and takes no pass).
+                 Last pass, the output pass with the fold: besides sum d^n v it sums d^(n-1) v and
+                 d^(n-2) v, so the step delta those sums give is taken inside it, with the weights
+                 (d - delta)^n expanded to second order (exact for n <= 2) and o2's to first;
+                 rows whose delta exceeds the fold tolerance (5e-3 16-bit, 1e-3 fp32;
+                 ``_threshold_tols``), or for n = 1 would move the support (delta > the smallest
+                 positive d), take more passes and another output pass (ENTMAX_FOLD_ROUNDS).
+                 So on random scores biweight, triweight, entmax_1.25 take 3 passes and sparsemax 2
+                 (5 and 8 before). Generic n (non-integer) has no fold: Newton to 1e-3 / 3e-3.
+                 Z = sum p (= 1 up to the tolerance) normalises the weights.
                  Integer n in {1, 2, 3, 4} use multiplications; other n exp2/log2.
                  Backward (entmax Jacobian): with u = p^(2-alpha) = d^(n-1) / Z^(2-alpha),
                  ds_ij = u_ij (dp_ij - c_i), c_i = sum_j u_ij dp_ij / sum_j u_ij = dO_i . o2_i,
@@ -97,12 +102,15 @@ MAX_SELECT = 80  # top-K counting passes per phase at most (both phases end exac
 # "ieee" (exact fp32 FMAs, several times slower). bf16 / fp16 inputs always use the tensor cores.
 FP32_PRECISION = "tf32x3"
 
-# entmax threshold from candidates (opt-in): 0 = the Newton / Halley passes over all keys; a power of
-# two C >= 16 = one extra pass writes every z > m - 1 (tau* >= m - 1, so the support is among them) to C
-# slots per row of an fp32 scratch of BH * T * C floats, rows with at most C candidates solve tau on
-# them in registers, the others take the passes. Off: no gain measured (sparsemax, T = 4096: 11.30 ms
-# with 128 slots, 14.86 with 64, 11.12 without; alpha < 2 has far more candidates; h200_s4.log).
-ENTMAX_CANDIDATES = 0
+# entmax start: the first pass keeps each row's R largest tile maxima, PER per key tile, and solves
+# tau on them (a subset of the row's z, so a start left of the root). None = (16, 2) for sparsemax,
+# whose support is then mostly among them (the start is the root), (16, 1) for alpha < 2 (one
+# Halley pass from there, then the output pass's fold); R is cut to the tiles' values at short T.
+# (1, 1) is the plain start m - 1.
+ENTMAX_TOP: tuple | None = None
+# output passes of the entmax forward at most: rows whose folded last step is too large (or, for
+# sparsemax, would move the support) take more passes and another output pass; 1 = accept the fold
+ENTMAX_FOLD_ROUNDS = 3
 # top-K threshold from candidates: 0 = the counting search; a power of two C >= 16 (and > K) = after
 # the min/max pass, one pass stores the scores above a Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2
 # of them) in C slots per row; rows with K + 1 to C candidates find the K-th and (K+1)-th largest
@@ -152,19 +160,43 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int 
     return (64, 32, 4, 2)
 
 
-def _newton_tol(nint: int, dtype: torch.dtype) -> float:
-    """Smallest entmax step that ends the threshold search (with max(., 1e-6 |m|), scale-free: the
+def _threshold_tols(nint: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(stop, fold) of the entmax threshold search (each with max(., 1e-6 |m|): scale-free, the
     support of z = a s has unit width).
 
-    The error left after a final step of size h is ~h^2 (Newton) or ~h^3 (Halley, n in {2, 3, 4});
-    fp32 inputs keep 1e-3 (tau to ~1e-6). For 16-bit inputs, whose outputs are rounded at ~4e-3,
-    Halley stops at 1e-2 and generic-n Newton at 3e-3: tau to ~1e-4 (measured on random scores:
-    at most 7e-5 for alpha = 1.5), one pass fewer for alpha = 1.5. n = 1 (sparsemax) keeps 1e-3:
-    its steps are exact support updates and a looser stop leaves errors of the step's size.
+    A row leaves the Newton / Halley passes once its step is at most ``stop``; the output pass
+    then computes the next step delta and folds it into the weights (``fused_forward``) if
+    |delta| <= ``fold``. Halley (n in {2, 3, 4}) from the top-values start: after a step <= 0.2
+    the next is below 1e-2 (simulated on N(0, 1) scores, T <= 4096); the fold keeps terms to
+    delta^2 in the output, delta in o2, so 16-bit inputs fold up to 5e-3 (errors <= ~1e-4, below
+    their 4e-3 rounding) and fp32 up to 1e-3 (tau to ~1e-9, weights to ~1e-6). Sparsemax's steps
+    are exact support updates: stop 1e-3, and its fold is exact (checked against the smallest
+    positive d, not a tolerance). Generic n has no fold: Newton to 1e-3 (fp32) / 3e-3 (16-bit).
     """
-    if dtype == torch.float32 or nint == 1:
-        return 1e-3
-    return 1e-2 if nint >= 2 else 3e-3
+    if nint >= 2:
+        return 0.2, (1e-3 if dtype == torch.float32 else 5e-3)
+    if nint == 1 or dtype == torch.float32:
+        return 1e-3, 0.0
+    return 3e-3, 0.0
+
+
+def _entmax_top(nint: int, T: int, block_n: int) -> tuple[int, int]:
+    """(R, PER) of the entmax start (ENTMAX_TOP, checked; None: the default), R cut to the number
+    of tile maxima a row can have (a short sequence keeps few, and the register solve costs R)."""
+    top = ENTMAX_TOP if ENTMAX_TOP is not None else (16, 2 if nint == 1 else 1)
+    if (not isinstance(top, tuple) or len(top) != 2 or not all(isinstance(x, int) for x in top)
+            or not 1 <= top[1] <= top[0] <= 32):
+        raise ValueError(f"fused.ENTMAX_TOP must be None or (R, PER) with 1 <= PER <= R <= 32, got {top!r}")
+    R, per = top
+    return min(R, triton.next_power_of_2(triton.cdiv(T, block_n) * per)), per
+
+
+def _fold_rounds() -> int:
+    """ENTMAX_FOLD_ROUNDS, checked: an int in 1..8."""
+    r = ENTMAX_FOLD_ROUNDS
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 8:
+        raise ValueError(f"fused.ENTMAX_FOLD_ROUNDS must be an int in 1..8, got {r!r}")
+    return r
 
 
 def _interpreting() -> bool:
@@ -191,20 +223,17 @@ def _params(spec: MethodSpec):
 
 
 def _candidate_slots(fam: int, topk: int, T: int) -> int:
-    """The candidate slots per row of a family (ENTMAX_CANDIDATES, TOPK_CANDIDATES; None: the
-    measured default), checked: 0 or a power of two >= 16 (a tl.arange length); 0 for top-K when
-    no row could fit K + 1 candidates."""
-    if fam == ENTMAX:
-        name, c = "ENTMAX_CANDIDATES", ENTMAX_CANDIDATES
-    elif fam in (TOPK_SOFTMAX, TOPK_UNIFORM):
-        name, c = "TOPK_CANDIDATES", TOPK_CANDIDATES
-        if c is None:
-            c = 64 if T >= TOPK_CANDIDATES_MIN_T else 0
-    else:
+    """The top-K candidate slots per row (TOPK_CANDIDATES; None: the measured default), checked: 0
+    or a power of two >= 16 (a tl.arange length); 0 for other families, and when no row could fit
+    K + 1 candidates."""
+    if fam not in (TOPK_SOFTMAX, TOPK_UNIFORM):
         return 0
+    c = TOPK_CANDIDATES
+    if c is None:
+        c = 64 if T >= TOPK_CANDIDATES_MIN_T else 0
     if not isinstance(c, int) or (c != 0 and (c < 16 or c & (c - 1))):
-        raise ValueError(f"fused.{name} must be 0 or a power of two >= 16, got {c!r}")
-    return 0 if fam != ENTMAX and c < topk + 1 else c
+        raise ValueError(f"fused.TOPK_CANDIDATES must be 0 or a power of two >= 16, got {c!r}")
+    return 0 if c < topk + 1 else c
 
 
 def _candidate_rounds() -> int:
@@ -238,16 +267,18 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     lens = lengths if lengths is not None else st
     zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
+    topr, topper = _entmax_top(prm["nint"], T, BN) if fam == ENTMAX else (1, 1)
     grid = (triton.cdiv(T, BM), BH)
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens, zc,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
-        _newton_tol(prm["nint"], q.dtype),
+        *_threshold_tols(prm["nint"], q.dtype),
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
-        SPLIT=bool(FORWARD_MASK_SPLIT),
+        SPLIT=bool(FORWARD_MASK_SPLIT), TOPR=topr, TOPPER=topper,
+        ROUNDS=_fold_rounds() if fam == ENTMAX else 1,
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

@@ -6,40 +6,49 @@ See ``fused`` for the per-family algorithms (the passes over the keys) and the s
 import triton
 import triton.language as tl
 
-from .fused_threshold import _entmax_threshold, _topk_threshold
-from .fused_tiles import _load_rows, _pow_n, _pow_n1, _scores
+from .fused_threshold import _entmax_passes, _entmax_start, _topk_threshold
+from .fused_tiles import _entmax_step, _load_rows, _pow_n, _pow_n1, _pow_n2, _scores
 
 
 @triton.jit
-def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale, n_exp, T,
+def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
                      D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                      NINT: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                      MASKED: tl.constexpr):
-    """The entmax output pass over one key tile: acc += d^n v, z += sum d^n, and for the backward
-    acc2 += d^(n-1) v, u += sum d^(n-1), d = [a s - tau]_+ (MASKED=False: every key admissible)."""
+    """The entmax output pass over one key tile, d = [a s - tau]_+ (MASKED=False: every key
+    admissible): acc += d^n v, f += sum d^n; for the last step's fold (integer n) or the backward
+    also acc1 += d^(n-1) v, f1 += sum d^(n-1); for the fold with n >= 2 acc0 += d^(n-2) v,
+    f2 += sum d^(n-2); for n = 1 dmin = the smallest positive d (the fold is exact below it)."""
     s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
     d = tl.maximum(s * a_scale - tau[:, None], 0.0)
     if MASKED:
         d = tl.where(adm, d, 0.0)
-    p = _pow_n(d, n_exp, NINT)
     v = _load_rows(v_base, offs_n, T, DV, BDV)
+    p = _pow_n(d, n_exp, NINT)
     acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    z += tl.sum(p, 1)
-    if SAVE:
-        pu = _pow_n1(d, n_exp, NINT)
-        acc2 += tl.dot(pu.to(v.dtype), v, input_precision=PREC)
-        u += tl.sum(pu, 1)
-    return acc, z, acc2, u
+    f += tl.sum(p, 1)
+    if SAVE or NINT >= 1:
+        p1 = _pow_n1(d, n_exp, NINT)
+        acc1 += tl.dot(p1.to(v.dtype), v, input_precision=PREC)
+        f1 += tl.sum(p1, 1)
+    if NINT >= 2:
+        p0 = _pow_n2(d, NINT)
+        acc0 += tl.dot(p0.to(v.dtype), v, input_precision=PREC)
+        f2 += tl.sum(p0, 1)
+    if NINT == 1:
+        dmin = tl.minimum(dmin, tl.min(tl.where(d > 0, d, float("inf")), 1))
+    return acc, acc1, acc0, f, f1, f2, dmin
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, O2, OF, ST, IS, LENS, ZC,
-    T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step,
+    T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step, tol_fold,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAND: tl.constexpr, CROUNDS: tl.constexpr, SPLIT: tl.constexpr,
+    CAND: tl.constexpr, CROUNDS: tl.constexpr, SPLIT: tl.constexpr, TOPR: tl.constexpr,
+    TOPPER: tl.constexpr, ROUNDS: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -90,24 +99,73 @@ def _fwd_kernel(
             n_full = tl.minimum((tl.maximum(tl.minimum(start_m - shift + 1, Lb), 0) // BLOCK_N) * BLOCK_N, n_hi)
         else:
             n_full = 0
-        tau = _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n,
-                                tol_step, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N, CAND, CROUNDS)
-        z = tl.zeros([BLOCK_M], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
-        u = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, n_full, BLOCK_N):
-            acc, z, acc2, u = _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale,
-                                               n_exp, T, D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, False)
-        for start_n in range(n_full, n_hi, BLOCK_N):
-            acc, z, acc2, u = _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, z, acc2, u, a_scale,
-                                               n_exp, T, D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, True)
-        z_safe = tl.where(z > 0, z, 1.0)
-        out = acc / z_safe[:, None]
-        tl.store(ST + st_row, tau, mask=row_ok)
+        tau, mz = _entmax_start(q, k_base, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n,
+                                D, BD, NINT, PREC, BLOCK_M, BLOCK_N, TOPR, TOPPER)
+        tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)   # scale-free: the support of z has unit width
+        # sparsemax: the start is the root wherever the support is among the kept maxima, and the
+        # output pass checks that exactly; other n take one Halley pass first
+        active = nonempty & (NINT != 1)
+        it = 0
+        again = True
+        acc1 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
+        acc0 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
+        f = tl.zeros([BLOCK_M], tl.float32)
+        f1 = tl.zeros([BLOCK_M], tl.float32)
+        f2 = tl.zeros([BLOCK_M], tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        # a for loop, not `while again` (Triton 3.6 fails to compile that while around these
+        # loops); rounds after the last needed one run no pass (no active row, no keys)
+        for rnd in range(0, ROUNDS):
+            tau, it = _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_scale, n_exp,
+                                     inv_n, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N)
+            n_out = tl.where(again, n_hi, 0)
+            n_out_full = tl.minimum(n_full, n_out)
+            acc = tl.where(again, 0.0, acc)
+            acc1 = tl.where(again, 0.0, acc1)
+            acc0 = tl.where(again, 0.0, acc0)
+            f = tl.where(again, 0.0, f)
+            f1 = tl.where(again, 0.0, f1)
+            f2 = tl.where(again, 0.0, f2)
+            dmin = tl.full([BLOCK_M], float("inf"), tl.float32)
+            for start_n in range(0, n_out_full, BLOCK_N):
+                acc, acc1, acc0, f, f1, f2, dmin = _entmax_out_tile(
+                    q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
+                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, False)
+            for start_n in range(n_out_full, n_out, BLOCK_N):
+                acc, acc1, acc0, f, f1, f2, dmin = _entmax_out_tile(
+                    q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
+                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, True)
+            # the fold: the pass's sums give the next Newton / Halley step delta, and the weights at
+            # tau + delta follow from the binomial expansion of (d - delta)^n on the same support
+            # (see ``fused``); a row whose delta is too large for that (or, for n = 1, would move
+            # the support) takes more passes and another output pass
+            if NINT >= 1:
+                step = tl.where(nonempty & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
+                delta = tl.where(again, step, delta)
+            if NINT == 1:
+                bad = nonempty & (delta > dmin)
+            elif NINT >= 2:
+                bad = nonempty & (tl.abs(delta) > tol_fold)
+            else:
+                bad = tl.zeros([BLOCK_M], tl.int32) > 0   # generic n: no fold, the passes ran to tol
+            again = again & (tl.max(bad.to(tl.int32), 0) > 0) & (rnd + 1 < ROUNDS)
+            tau = tau + delta * again.to(tl.float32)
+            active = bad & again
+        # weights (d - delta)^n ~ d^n - n delta d^(n-1) + C(n, 2) delta^2 d^(n-2) (exact for n <= 2),
+        # (d - delta)^(n-1) ~ d^(n-1) - (n - 1) delta d^(n-2) (exact for n <= 2); delta = 0 for
+        # generic n, whose acc0, f2 stay 0
+        c1 = n_exp * delta
+        c2 = 0.5 * n_exp * (n_exp - 1.0) * delta * delta
+        zsum = f - c1 * f1 + c2 * f2
+        z_safe = tl.where(zsum > 0, zsum, 1.0)
+        out = (acc - c1[:, None] * acc1 + c2[:, None] * acc0) / z_safe[:, None]
+        tl.store(ST + st_row, tau + delta, mask=row_ok)
         tl.store(ST + BH * T + st_row, z_safe, mask=row_ok)
         if SAVE:
-            u_safe = tl.where(u > 0, u, 1.0)
-            o2 = acc2 / u_safe[:, None]
+            e1 = (n_exp - 1.0) * delta
+            usum = f1 - e1 * f2
+            u_safe = tl.where(usum > 0, usum, 1.0)
+            o2 = (acc1 - e1[:, None] * acc0) / u_safe[:, None]
             tl.store(O2 + st_row[:, None] * DV + offs_dv[None, :], o2,
                      mask=row_ok[:, None] & (offs_dv[None, :] < DV))
 

@@ -1,7 +1,9 @@
 """The per-row threshold searches of the fused forward kernel (see ``fused`` for the algorithms).
 
-* ``_entmax_threshold``: tau of alpha-entmax, p = [z - tau]_+^n / Z, z = (alpha - 1) s: a max pass,
-  the optional candidate pass (fused.ENTMAX_CANDIDATES), then Newton / Halley passes over the keys.
+* ``_entmax_start``, ``_entmax_passes``: tau of alpha-entmax, p = [z - tau]_+^n / Z, z = (alpha - 1) s:
+  a first pass that keeps each row's largest tile maxima and solves tau on them (a start left of
+  the root), then Newton / Halley passes over the keys; the forward kernel's output pass takes the
+  last step (``fused_forward``).
 * ``_topk_threshold``: the exact K-th largest admissible score: a min / max / moments pass, the
   optional candidate pass (fused.TOPK_CANDIDATES), counting passes at 5 placed pivots, the snapped
   bisection for what remains, the index cut for ties.
@@ -13,7 +15,7 @@ vectors between passes; the forward kernel then runs its output pass with what t
 import triton
 import triton.language as tl
 
-from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _scores, _upper_normal_quantile
+from .fused_tiles import _entmax_step, _pow_n, _pow_n1, _pow_n2, _root_excess, _scores, _upper_normal_quantile
 
 
 @triton.jit
@@ -50,14 +52,65 @@ def _store_candidates(ZC, st_row, x, cm, n_cand, n_kept, CAND: tl.constexpr, ROU
 
 
 @triton.jit
-def _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D: tl.constexpr, BD: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
-    """mz updated with the row max of z = a s over one key tile (MASKED=False: every key admissible)."""
+def _insert_sorted(top, x, R: tl.constexpr):
+    """x (BLOCK_M,) inserted into each row's R largest values so far, top = (t_0 >= ... >= t_R-1)
+    (a tuple of R vectors): one compare-exchange per slot, the smallest falls off the end."""
+    out = ()
+    for r in tl.static_range(R):
+        out = out + (tl.maximum(top[r], x),)
+        x = tl.minimum(top[r], x)
+    return out
+
+
+@triton.jit
+def _entmax_top_tile(q, k_base, start_n, last, top, a_scale, T, D: tl.constexpr, BD: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PREC: tl.constexpr, R: tl.constexpr, PER: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """The first pass over one key tile: the PER largest distinct z = a s of each row in the tile
+    go into the row's R largest so far (top; top[0] is the row max). MASKED=False: every key of the
+    tile is admissible."""
     s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
     z = s * a_scale
     if MASKED:
         z = tl.where(adm, z, float("-inf"))
-    return tl.maximum(mz, tl.max(z, 1))
+    t = tl.max(z, 1)
+    top = _insert_sorted(top, t, R)
+    for _ in tl.static_range(PER - 1):
+        z = tl.where(z < t[:, None], z, float("-inf"))
+        t = tl.max(z, 1)
+        top = _insert_sorted(top, t, R)
+    return top
+
+
+@triton.jit
+def _subset_threshold(top, n_exp, inv_n, NINT: tl.constexpr, R: tl.constexpr, SUBSET_ITERS: tl.constexpr = 8):
+    """The threshold tau_S of the values S = top alone: sum_{z in S} [z - tau_S]_+^n = 1.
+
+    S is a subset of the row's z, so sum over all z of [z - tau_S]_+^n >= 1 and tau_S <= tau*: a
+    start left of the root, far closer than m - 1 (tau_S for S = {m}). Sparsemax (n = 1): tau_S =
+    max_k (t_0 + ... + t_k-1 - 1) / k (as in sparsemax itself, Martins & Astudillo 2016). Other n: Newton on
+    g(tau) = (sum_S [z - tau]_+^n)^(1/n) - 1 from m - 1, which is convex and decreasing, so the
+    iterates rise to tau_S and never pass it.
+    """
+    m = top[0]
+    m = tl.where(m > float("-inf"), m, 0.0)
+    tau = m - 1.0
+    if NINT == 1:
+        cs = tl.zeros_like(m)
+        for r in tl.static_range(R):
+            ok = top[r] > float("-inf")
+            cs += tl.where(ok, top[r], 0.0)
+            tau = tl.where(ok, tl.maximum(tau, (cs - 1.0) / (r + 1.0)), tau)
+    else:
+        for _ in tl.static_range(SUBSET_ITERS):
+            f = tl.zeros_like(m)
+            f1 = tl.zeros_like(m)
+            for r in tl.static_range(R):
+                d = tl.maximum(top[r] - tau, 0.0)
+                f += _pow_n(d, n_exp, NINT)
+                f1 += _pow_n1(d, n_exp, NINT)
+            tau += tl.where(f1 > 0, _root_excess(tl.where(f > 0, f, 1.0), inv_n, NINT) / tl.where(f1 > 0, f1, 1.0), 0.0)
+    return tau
 
 
 @triton.jit
@@ -78,56 +131,31 @@ def _entmax_sums_tile(q, k_base, start_n, last, tau, f, f1, f2, a_scale, n_exp, 
 
 
 @triton.jit
-def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n, tol_step,
-                      D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
-                      MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAND: tl.constexpr,
-                      CROUNDS: tl.constexpr):
-    """tau (BLOCK_M,) with sum_j [a s_ij - tau_i]_+^n = 1 over the admissible keys (rows with no
-    admissible key: tau = -1). Starts at m - 1 (m = max z), left of the root. Keys below n_full are
-    admissible for every row of the block: the max and Newton passes take them without a mask."""
-    ninf = float("-inf")
-    mz = tl.full([BLOCK_M], ninf, tl.float32)
+def _entmax_start(q, k_base, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n,
+                  D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr, PER: tl.constexpr):
+    """(tau_0, m): the first pass over the keys keeps each row's R largest tile maxima (PER per
+    tile), and tau_0 = their subset threshold (``_subset_threshold``), left of the root; m = max z.
+    Rows with no admissible key: tau_0 = -1, m = 0. Keys below n_full are admissible for every row
+    of the block: no mask there."""
+    top = ()
+    for _ in tl.static_range(R):
+        top = top + (tl.full([BLOCK_M], float("-inf"), tl.float32),)
     for start_n in range(0, n_full, BLOCK_N):
-        mz = _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D, BD, BLOCK_N, PREC, False)
+        top = _entmax_top_tile(q, k_base, start_n, last, top, a_scale, T, D, BD, BLOCK_N, PREC, R, PER, False)
     for start_n in range(n_full, n_hi, BLOCK_N):
-        mz = _entmax_max_tile(q, k_base, start_n, last, mz, a_scale, T, D, BD, BLOCK_N, PREC, True)
-    mz = tl.where(nonempty, mz, 0.0)
-    tau = mz - 1.0
-    tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)  # next error ~ step^2 (Newton), ~ step^3 (Halley)
-    active = nonempty
-    if CAND > 0:
-        # candidate pass: tau* >= m - 1, so every z > m - 1 (the support and then some) goes to
-        # the row's CAND slots of ZC (_store_candidates); rows with at most CAND candidates solve
-        # tau on them in registers, the others (overflow) take the passes below
-        n_cand = tl.zeros([BLOCK_M], tl.int32)
-        n_kept = tl.zeros([BLOCK_M], tl.int32)
-        for start_n in range(0, n_hi, BLOCK_N):
-            s, adm, k, offs_n = _scores(q, k_base, start_n, last, T, D, BD, BLOCK_N, PREC)
-            zs = s * a_scale
-            n_cand, n_kept = _store_candidates(ZC, st_row, zs, adm & (zs > tau[:, None]), n_cand, n_kept,
-                                               CAND, CROUNDS)
-        solve = nonempty & (n_cand <= CAND) & (n_kept == n_cand)
-        offs_c = tl.arange(0, CAND)
-        zt = tl.load(ZC + st_row[:, None] * CAND + offs_c[None, :],
-                     mask=solve[:, None] & (offs_c[None, :] < n_cand[:, None]), other=ninf)
-        sact = solve
-        sit = 0
-        sgo = tl.max(sact.to(tl.int32), 0) > 0
-        while sgo:
-            dc = tl.maximum(zt - tau[:, None], 0.0)
-            fc = tl.sum(_pow_n(dc, n_exp, NINT), 1)
-            fc1 = tl.sum(_pow_n1(dc, n_exp, NINT), 1)
-            fc2 = fc1
-            if NINT >= 2:
-                fc2 = tl.sum(_pow_n2(dc, NINT), 1)
-            sstep = tl.where(sact & (fc1 > 0), _entmax_step(fc, fc1, fc2, n_exp, inv_n, NINT), 0.0)
-            tau = tau + sstep
-            sact = sact & (tl.abs(sstep) > tol)
-            sit += 1
-            sgo = (tl.max(sact.to(tl.int32), 0) > 0) & (sit < 64)  # in registers: cheap
-        active = nonempty & (~solve)
-    it = 0
-    go = tl.max(active.to(tl.int32), 0) > 0
+        top = _entmax_top_tile(q, k_base, start_n, last, top, a_scale, T, D, BD, BLOCK_N, PREC, R, PER, True)
+    tau = _subset_threshold(top, n_exp, inv_n, NINT, R)
+    return tl.where(nonempty, tau, -1.0), tl.where(nonempty, top[0], 0.0)
+
+
+@triton.jit
+def _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_scale, n_exp, inv_n,
+                   D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
+                   MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Newton / Halley passes over the keys (``_entmax_step``) for the active rows until each one's
+    step is at most tol (a row drops out then), or MAXIT passes in all (it counts them)."""
+    go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
     while go:
         f = tl.zeros([BLOCK_M], tl.float32)
         f1 = tl.zeros([BLOCK_M], tl.float32)
@@ -143,7 +171,7 @@ def _entmax_threshold(q, k_base, ZC, st_row, last, nonempty, n_full, n_hi, T, a_
         active = active & (tl.abs(step) > tol)
         it += 1
         go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
-    return tau
+    return tau, it
 
 
 @triton.jit
