@@ -20,7 +20,7 @@ from sparse_mosaics.attention import fused
 
 PTRS_F32 = {"O2", "OF", "ST", "RC", "ZC"}
 PTRS_I32 = {"IS", "LENS"}
-INTS = {"T", "H", "BH", "shift", "topk"}
+INTS = {"T", "H", "BH", "shift", "topk", "maxit"}
 
 
 def signature(fn, dtype, consts):
@@ -64,10 +64,10 @@ def main():
         variants = ((0, 0, False), (64, 0, False), (64, 4, False)) if fam in (2, 3) else ((0, 0, False),)
         variants += ((0, 0, True),) if fam == 1 else ()
         for save, (cand, rounds, split) in itertools.product((False, True), variants):
-            fcfg = fused._config("fwd", D, False, fam, cand)
+            fcfg = fused._config("fwd", D, False, fam, cand, 4096)
             topr, topper = fused._entmax_top(nint, 4096, fcfg[1]) if fam == 1 else (1, 1)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
-                     MAXIT=80, BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split,
+                     BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split,
                      TOPR=topr, TOPPER=topper, ROUNDS=fused._fold_rounds() if fam == 1 else 1)
             name = "fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else "")
             name += (f"r{rounds}" if rounds else "") + ("+split" if split else "")

@@ -103,10 +103,11 @@ MAX_SELECT = 80  # top-K counting passes per phase at most (both phases end exac
 FP32_PRECISION = "tf32x3"
 
 # entmax start: the first pass keeps each row's R largest tile maxima, PER per key tile, and solves
-# tau on them (a subset of the row's z, so a start left of the root). None = (16, 2) for sparsemax,
-# whose support is then mostly among them (the start is the root), (16, 1) for alpha < 2 (one
-# Halley pass from there, then the output pass's fold); R is cut to the tiles' values at short T.
-# (1, 1) is the plain start m - 1.
+# tau on them (a subset of the row's z, so a start left of the root). None = (8, 2) for sparsemax,
+# whose support is then mostly among them (the start is the root), (8, 1) for alpha < 2 (one Halley
+# pass from there, then the output pass's fold); R is cut to the tiles' values at short T. (1, 1)
+# is the plain start m - 1. Forward at T = 4096: sparsemax 5.52 ms at (8, 2) vs 5.68 at (16, 2),
+# 7.51 at (16, 4); biweight 6.06 at (8, 1) vs 6.38 at (16, 1), 6.84 at (8, 2) (h200_s5.log).
 ENTMAX_TOP: tuple | None = None
 # output passes of the entmax forward at most: rows whose folded last step is too large (or, for
 # sparsemax, would move the support) take more passes and another output pass; 1 = accept the fold
@@ -124,16 +125,17 @@ TOPK_CANDIDATES_MIN_T = 1024
 # more than R candidates in one tile take the search (not yet timed on a GPU: whether the nested loop
 # keeps Triton from pipelining the key loop is open, docs/benchmarks/h200_next.sh)
 CANDIDATE_ROUNDS = 0
-# entmax forward: the max, Newton / Halley and output passes take the key tiles that every row of
-# the query block sees whole without a mask (as the backward does; not yet timed on a GPU)
-FORWARD_MASK_SPLIT = False
+# entmax forward: the start, Newton / Halley and output passes take the key tiles that every row of
+# the query block sees whole without a mask (as the backward does): epanechnikov forward 5.63 ->
+# 4.84 ms, biweight 6.40 -> 5.44, entmax_1.25 6.45 -> 5.21 (with (64, 64) blocks; h200_s5.log)
+FORWARD_MASK_SPLIT = True
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
 
-def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int = 0):
+def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int = 0, T: int = 0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ("fwd" or "bwd"); cand: the forward's
-    candidate slots (``_candidate_slots``)."""
+    candidate slots (``_candidate_slots``); T: the sequence length."""
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if interpret:
@@ -150,6 +152,10 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int 
             # cell) a 128-row block spends as long on its last 2 rows as on the first 128
             # (epanechnikov 0.28 ms vs 0.46)
             if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) and not cand:
+                return (64, 64, 4, 3)
+            if fam == ENTMAX and FORWARD_MASK_SPLIT and T >= 1024:
+                # entmax with the mask split, T = 4096: epanechnikov 4.84 ms at (64, 64, 4, 3) vs
+                # 5.05 at (64, 32, 4, 3), biweight 5.44 vs 5.81, entmax_1.25 5.21 vs 6.00 (h200_s5.log)
                 return (64, 64, 4, 3)
             return (64, 32, 4, 3)
         return (128, 32, 8, 2)
@@ -183,7 +189,7 @@ def _threshold_tols(nint: int, dtype: torch.dtype) -> tuple[float, float]:
 def _entmax_top(nint: int, T: int, block_n: int) -> tuple[int, int]:
     """(R, PER) of the entmax start (ENTMAX_TOP, checked; None: the default), R cut to the number
     of tile maxima a row can have (a short sequence keeps few, and the register solve costs R)."""
-    top = ENTMAX_TOP if ENTMAX_TOP is not None else (16, 2 if nint == 1 else 1)
+    top = ENTMAX_TOP if ENTMAX_TOP is not None else (8, 2 if nint == 1 else 1)
     if (not isinstance(top, tuple) or len(top) != 2 or not all(isinstance(x, int) for x in top)
             or not 1 <= top[1] <= top[0] <= 32):
         raise ValueError(f"fused.ENTMAX_TOP must be None or (R, PER) with 1 <= PER <= R <= 32, got {top!r}")
@@ -256,7 +262,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     BH = B * H
     interp = _interpreting()
     cand = _candidate_slots(prm["fam"], prm["topk"], T)
-    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"], cand)
+    BM, BN, warps, stages = _config("fwd", D, interp, prm["fam"], cand, T)
     o = torch.empty((B, H, T, DV), device=q.device, dtype=v.dtype)
     st = torch.ones((3, BH, T), device=q.device, dtype=torch.float32)
     ist = torch.zeros((BH, T), device=q.device, dtype=torch.int32)
@@ -272,10 +278,9 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens, zc,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
-        *_threshold_tols(prm["nint"], q.dtype),
+        *_threshold_tols(prm["nint"], q.dtype), MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
-        MAXIT=MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
         SPLIT=bool(FORWARD_MASK_SPLIT), TOPR=topr, TOPPER=topper,
         ROUNDS=_fold_rounds() if fam == ENTMAX else 1,

@@ -40,13 +40,15 @@ def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, 
     return acc, acc1, acc0, f, f1, f2, dmin
 
 
-@triton.jit
+# maxit (the pass cap) is a runtime argument: a constant 0 folds the search loops' conditions
+# away, and Triton 3.6 fails to compile what is left
+@triton.jit(do_not_specialize=["maxit"])
 def _fwd_kernel(
     Q, K, V, O, O2, OF, ST, IS, LENS, ZC,
-    T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step, tol_fold,
+    T, H, BH, shift, a_scale, n_exp, inv_n, topk, tol_step, tol_fold, maxit,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
-    PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAND: tl.constexpr, CROUNDS: tl.constexpr, SPLIT: tl.constexpr, TOPR: tl.constexpr,
     TOPPER: tl.constexpr, ROUNDS: tl.constexpr,
 ):
@@ -117,7 +119,7 @@ def _fwd_kernel(
         # loops); rounds after the last needed one run no pass (no active row, no keys)
         for rnd in range(0, ROUNDS):
             tau, it = _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_scale, n_exp,
-                                     inv_n, D, BD, NINT, PREC, MAXIT, BLOCK_M, BLOCK_N)
+                                     inv_n, maxit, D, BD, NINT, PREC, BLOCK_M, BLOCK_N)
             n_out = tl.where(again, n_hi, 0)
             n_out_full = tl.minimum(n_full, n_out)
             acc = tl.where(again, 0.0, acc)
@@ -231,7 +233,7 @@ def _fwd_kernel(
 
     else:  # ----------------------------------------------------------- top-K (2: softmax, 3: uniform)
         m, thr, jcut, need, tie = _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D, BD, PREC,
-                                                  MAXIT, BLOCK_M, BLOCK_N, CAND, CROUNDS)
+                                                  maxit, BLOCK_M, BLOCK_N, CAND, CROUNDS)
         # output pass over the selected keys; it also finds the K-th and (K+1)-th largest scores
         # around thr, so the saved threshold is their midpoint (robust to recomputation)
         l = tl.zeros([BLOCK_M], tl.float32)

@@ -150,12 +150,12 @@ def _entmax_start(q, k_base, last, nonempty, n_full, n_hi, T, a_scale, n_exp, in
 
 
 @triton.jit
-def _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_scale, n_exp, inv_n,
+def _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_scale, n_exp, inv_n, maxit,
                    D: tl.constexpr, BD: tl.constexpr, NINT: tl.constexpr, PREC: tl.constexpr,
-                   MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Newton / Halley passes over the keys (``_entmax_step``) for the active rows until each one's
-    step is at most tol (a row drops out then), or MAXIT passes in all (it counts them)."""
-    go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+    step is at most tol (a row drops out then), or maxit passes in all (it counts them)."""
+    go = (tl.max(active.to(tl.int32), 0) > 0) & (it < maxit)
     while go:
         f = tl.zeros([BLOCK_M], tl.float32)
         f1 = tl.zeros([BLOCK_M], tl.float32)
@@ -170,13 +170,13 @@ def _entmax_passes(q, k_base, last, tau, active, it, tol, n_full, n_hi, T, a_sca
         tau = tau + step
         active = active & (tl.abs(step) > tol)
         it += 1
-        go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+        go = (tl.max(active.to(tl.int32), 0) > 0) & (it < maxit)
     return tau, it
 
 
 @triton.jit
 def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr, BD: tl.constexpr,
-                    PREC: tl.constexpr, MAXIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PREC: tl.constexpr, maxit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     CAND: tl.constexpr, CROUNDS: tl.constexpr):
     """(m, thr, jcut, need, tie), all (BLOCK_M,): the row max m; keys with s > thr, or s == thr and
     index < jcut, are exactly the min(K, |A_i|) selected ones (need: |A_i| > K, the rows that
@@ -332,7 +332,7 @@ def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr,
             fine = (up - lo) <= (tl.abs(lo) + tl.abs(up)) * 1e-6 + 1e-30
             active = active & (~done) & (~fine)
             it += 1
-            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+            go = (tl.max(active.to(tl.int32), 0) > 0) & (it < maxit)
     # phase 2 (rare: ties at theta, or a bracket too narrow for pivots): bisection snapped
     # to actual scores, invariant theta in [lo, up], clo = #{s >= lo} >= K
     clo = n_adm
@@ -366,7 +366,7 @@ def _topk_threshold(q, k_base, ZC, st_row, last, n_hi, T, topk, D: tl.constexpr,
         lo = tl.where(active, lo_new, lo)
         active = active & (~exact) & (up > lo)
         it += 1
-        go = (tl.max(active.to(tl.int32), 0) > 0) & (it < MAXIT)
+        go = (tl.max(active.to(tl.int32), 0) > 0) & (it < maxit)
     # rows that collapsed onto a tied value theta = lo with #{s >= theta} > K
     tie = need & (clo > topk) & (thr == ninf)
     thr = tl.where(tie, lo, thr)
