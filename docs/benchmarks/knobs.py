@@ -5,7 +5,7 @@
     --rounds=R          fused.CANDIDATE_ROUNDS = R
     --top=R,PER         fused.ENTMAX_TOP = (R, PER)
     --fold-rounds=N     fused.ENTMAX_FOLD_ROUNDS = N
-    --split             fused.FORWARD_MASK_SPLIT = True
+    --split, --no-split fused.FORWARD_MASK_SPLIT = True / False
 """
 
 from sparse_mosaics.attention import fused
@@ -16,7 +16,7 @@ VALUED = {
     "--top=": ("ENTMAX_TOP", lambda s: tuple(int(x) for x in s.split(","))),
     "--fold-rounds=": ("ENTMAX_FOLD_ROUNDS", int),
 }
-FLAGS = {"--split": "FORWARD_MASK_SPLIT"}
+FLAGS = {"--split": ("FORWARD_MASK_SPLIT", True), "--no-split": ("FORWARD_MASK_SPLIT", False)}
 
 
 def apply_knobs(args: list[str], tool: str) -> list[str]:
@@ -28,8 +28,8 @@ def apply_knobs(args: list[str], tool: str) -> list[str]:
             name, parse = VALUED[opt]
             setattr(fused, name, parse(a[len(opt):]))
         elif a in FLAGS:
-            name = FLAGS[a]
-            setattr(fused, name, True)
+            name, value = FLAGS[a]
+            setattr(fused, name, value)
         else:
             rest.append(a)
             continue

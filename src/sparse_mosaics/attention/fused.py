@@ -18,7 +18,7 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  is_causal, the first ``shift`` rows 0. With ``lengths`` or fp32 inputs: the Triton
                  online-softmax kernel (one pass).
 * entmax      -- p_ij = [(a s_ij - tau_i)]_+^n / Z_i with a = alpha - 1, n = 1/a.
-                 Pass 1 (the start): each row keeps its R = 16 largest tile maxima of z = a s
+                 Pass 1 (the start): each row keeps its R = 8 largest tile maxima of z = a s
                  (2 per key tile for sparsemax, 1 otherwise) and solves tau on them alone; they are
                  a subset of the row, so tau_0 <= tau* (left of the root, far closer than m - 1).
                  Then Newton / Halley passes on the n-th root g(tau) = (sum_j [z_j - tau]_+^n)^(1/n)
@@ -36,6 +36,8 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  positive d), take more passes and another output pass (ENTMAX_FOLD_ROUNDS).
                  So on random scores biweight, triweight, entmax_1.25 take 3 passes and sparsemax 2
                  (5 and 8 before). Generic n (non-integer) has no fold: Newton to 1e-3 / 3e-3.
+                 Tiles that every row of the query block sees whole skip the mask
+                 (FORWARD_MASK_SPLIT), as in the backward.
                  Z = sum p (= 1 up to the tolerance) normalises the weights.
                  Integer n in {1, 2, 3, 4} use multiplications; other n exp2/log2.
                  Backward (entmax Jacobian): with u = p^(2-alpha) = d^(n-1) / Z^(2-alpha),
