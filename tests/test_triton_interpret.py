@@ -14,10 +14,10 @@ rows; the top-K threshold from candidates (fused.TOPK_CANDIDATES: with rows that
 ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone with the search cut to one
 pass); the entmax start from the kept tile maxima and the output pass's folded last step
 (fused.ENTMAX_TOP, ENTMAX_FOLD_ROUNDS: the plain start, the fold alone doing the search, the start
-alone exact for sparsemax, each with a control that must fail); the entmax forward with every tile
-masked (fused.FORWARD_MASK_SPLIT off; the default skips the mask on interior tiles); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
-leaky-average scan forward / backward (x and lam), T not a multiple of the
-chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
+alone exact for sparsemax, each with a control that must fail); the entmax forward without the
+mask on interior tiles (fused.FORWARD_MASK_SPLIT, the default from T = 1024 on); fp16 inputs for
+entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and
+lam), T not a multiple of the chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
 
 import json
@@ -46,8 +46,8 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("cand64-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
          + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
          + [("cand64r1", "top4_softmax", 16, 70, 1, None)]
-         + [("nosplit", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "entmax_1.7")]
-         + [("nosplit", "triweight", 32, 70, 0, None)]
+         + [("split", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "entmax_1.7")]
+         + [("split", "triweight", 32, 70, 0, None)]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
 # 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
@@ -175,14 +175,14 @@ def _run_entmax_start(method, D, T, shift, lens, mode):
 
 
 def _run_mask_split(method, D, T, shift, lens):
-    """fused.FORWARD_MASK_SPLIT off: every tile of the entmax forward's passes takes the mask (the
-    default takes the tiles every row of the query block sees whole without it; T = 100: 4 blocks
-    of 32, so the default cases cover both kinds of tile)."""
+    """fused.FORWARD_MASK_SPLIT on (the default from T = 1024 on, so never at these lengths): the
+    entmax forward's passes take the key tiles every row of the query block sees whole without a
+    mask (T = 100: 4 blocks of 32)."""
     from sparse_mosaics.attention import fused
 
     old = fused.FORWARD_MASK_SPLIT
     try:
-        fused.FORWARD_MASK_SPLIT = False
+        fused.FORWARD_MASK_SPLIT = True
         return _run_attention(method, D, T, shift, lens)
     finally:
         fused.FORWARD_MASK_SPLIT = old
@@ -288,7 +288,7 @@ def _main(path):
                 r = _run_compiled(method, D, T, shift)
             elif kind == "fp16":
                 r = _run_attention(method, D, T, shift, lens, dtype="float16")
-            elif kind == "nosplit":  # fused.FORWARD_MASK_SPLIT off: every entmax forward tile masked
+            elif kind == "split":  # fused.FORWARD_MASK_SPLIT: entmax forward passes without the mask
                 r = _run_mask_split(method, D, T, shift, lens)
             elif kind.startswith("start-"):  # the entmax start and fold
                 r = _run_entmax_start(method, D, T, shift, lens, kind[6:])
@@ -370,12 +370,18 @@ def test_candidate_slots_are_checked(monkeypatch):
 
 def test_entmax_start_is_checked(monkeypatch):
     """ENTMAX_TOP: the default keeps 8 tile maxima (2 per tile for sparsemax, 1 otherwise), cut to
-    what a short row can have; a bad value, or a bad ENTMAX_FOLD_ROUNDS, names the flag."""
+    what a short row can have; the mask split is on from FORWARD_MASK_SPLIT_MIN_T; a bad value of
+    any of these flags (or of ENTMAX_FOLD_ROUNDS) names the flag."""
     pytest.importorskip("triton")
     from sparse_mosaics.attention import fused
 
     assert fused._entmax_top(1, 4096, 32) == (8, 2) and fused._entmax_top(2, 4096, 32) == (8, 1)
     assert fused._entmax_top(2, 100, 32) == (4, 1) and fused._entmax_top(1, 40, 32) == (4, 2)
+    assert not fused._mask_split(fused.FORWARD_MASK_SPLIT_MIN_T - 1) and fused._mask_split(fused.FORWARD_MASK_SPLIT_MIN_T)
+    monkeypatch.setattr(fused, "FORWARD_MASK_SPLIT", 1)
+    with pytest.raises(ValueError, match="fused.FORWARD_MASK_SPLIT must be None, True or False, got 1"):
+        fused._mask_split(4096)
+    monkeypatch.setattr(fused, "FORWARD_MASK_SPLIT", None)
     monkeypatch.setattr(fused, "ENTMAX_TOP", (4, 8))
     with pytest.raises(ValueError, match=r"fused.ENTMAX_TOP must be None or \(R, PER\) with 1 <= PER <= R <= 32, got \(4, 8\)"):
         fused._entmax_top(2, 4096, 32)

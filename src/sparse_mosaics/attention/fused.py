@@ -36,8 +36,8 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  positive d), take more passes and another output pass (ENTMAX_FOLD_ROUNDS).
                  So on random scores biweight, triweight, entmax_1.25 take 3 passes and sparsemax 2
                  (5 and 8 before). Generic n (non-integer) has no fold: Newton to 1e-3 / 3e-3.
-                 Tiles that every row of the query block sees whole skip the mask
-                 (FORWARD_MASK_SPLIT), as in the backward.
+                 From T = 1024 on, tiles that every row of the query block sees whole skip the
+                 mask (FORWARD_MASK_SPLIT), as in the backward.
                  Z = sum p (= 1 up to the tolerance) normalises the weights.
                  Integer n in {1, 2, 3, 4} use multiplications; other n exp2/log2.
                  Backward (entmax Jacobian): with u = p^(2-alpha) = d^(n-1) / Z^(2-alpha),
@@ -128,9 +128,13 @@ TOPK_CANDIDATES_MIN_T = 1024
 # keeps Triton from pipelining the key loop is open, docs/benchmarks/h200_next.sh)
 CANDIDATE_ROUNDS = 0
 # entmax forward: the start, Newton / Halley and output passes take the key tiles that every row of
-# the query block sees whole without a mask (as the backward does): epanechnikov forward 5.63 ->
-# 4.84 ms, biweight 6.40 -> 5.44, entmax_1.25 6.45 -> 5.21 (with (64, 64) blocks; h200_s5.log)
-FORWARD_MASK_SPLIT = True
+# the query block sees whole without a mask (as the backward does). None (default) = from T >=
+# FORWARD_MASK_SPLIT_MIN_T on: at T = 4096 epanechnikov forward 5.63 -> 4.84 ms, biweight 6.40 ->
+# 5.44, entmax_1.25 6.45 -> 5.21 (with (64, 64) blocks); at T = 130 the split loops cost more than
+# the mask (epanechnikov 0.317 ms without, 0.331 with; biweight 0.357, 0.374; h200_s5.log).
+# True / False: always / never.
+FORWARD_MASK_SPLIT: bool | None = None
+FORWARD_MASK_SPLIT_MIN_T = 1024
 
 # Block sizes, overridable (the bench sweeps them): {"fwd": (BM, BN, warps, stages), "bwd": (...)}
 CONFIG_OVERRIDE: dict = {}
@@ -155,7 +159,7 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int 
             # (epanechnikov 0.28 ms vs 0.46)
             if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) and not cand:
                 return (64, 64, 4, 3)
-            if fam == ENTMAX and FORWARD_MASK_SPLIT and T >= 1024:
+            if fam == ENTMAX and _mask_split(T) and T >= 1024:
                 # entmax with the mask split, T = 4096: epanechnikov 4.84 ms at (64, 64, 4, 3) vs
                 # 5.05 at (64, 32, 4, 3), biweight 5.44 vs 5.81, entmax_1.25 5.21 vs 6.00 (h200_s5.log)
                 return (64, 64, 4, 3)
@@ -197,6 +201,15 @@ def _entmax_top(nint: int, T: int, block_n: int) -> tuple[int, int]:
         raise ValueError(f"fused.ENTMAX_TOP must be None or (R, PER) with 1 <= PER <= R <= 32, got {top!r}")
     R, per = top
     return min(R, triton.next_power_of_2(triton.cdiv(T, block_n) * per)), per
+
+
+def _mask_split(T: int) -> bool:
+    """Whether the entmax forward skips the mask on interior tiles (FORWARD_MASK_SPLIT, checked)."""
+    if FORWARD_MASK_SPLIT is None:
+        return T >= FORWARD_MASK_SPLIT_MIN_T
+    if not isinstance(FORWARD_MASK_SPLIT, bool):
+        raise ValueError(f"fused.FORWARD_MASK_SPLIT must be None, True or False, got {FORWARD_MASK_SPLIT!r}")
+    return FORWARD_MASK_SPLIT
 
 
 def _fold_rounds() -> int:
@@ -284,7 +297,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
-        SPLIT=bool(FORWARD_MASK_SPLIT), TOPR=topr, TOPPER=topper,
+        SPLIT=_mask_split(T), TOPR=topr, TOPPER=topper,
         ROUNDS=_fold_rounds() if fam == ENTMAX else 1,
         num_warps=warps, num_stages=stages,
     )
