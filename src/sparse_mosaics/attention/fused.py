@@ -112,7 +112,9 @@ FP32_PRECISION = "tf32x3"
 # 7.51 at (16, 4); biweight 6.06 at (8, 1) vs 6.38 at (16, 1), 6.84 at (8, 2) (h200_s5.log).
 ENTMAX_TOP: tuple | None = None
 # output passes of the entmax forward at most: rows whose folded last step is too large (or, for
-# sparsemax, would move the support) take more passes and another output pass; 1 = accept the fold
+# sparsemax, would move the support) take more passes and another output pass; 1 = accept the fold;
+# 0 = no fold (the passes run to the full tolerance, the output pass sums d^n v and, for the
+# backward, d^(n-1) v only)
 ENTMAX_FOLD_ROUNDS = 3
 # top-K threshold from candidates: 0 = the counting search; a power of two C >= 16 (and > K) = after
 # the min/max pass, one pass stores the scores above a Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2
@@ -172,7 +174,7 @@ def _config(kind: str, head_dim: int, interpret: bool, fam: int = -1, cand: int 
     return (64, 32, 4, 2)
 
 
-def _threshold_tols(nint: int, dtype: torch.dtype) -> tuple[float, float]:
+def _threshold_tols(nint: int, dtype: torch.dtype, fold: bool = True) -> tuple[float, float]:
     """(stop, fold) of the entmax threshold search (each with max(., 1e-6 |m|): scale-free, the
     support of z = a s has unit width).
 
@@ -184,7 +186,11 @@ def _threshold_tols(nint: int, dtype: torch.dtype) -> tuple[float, float]:
     their 4e-3 rounding) and fp32 up to 1e-3 (tau to ~1e-9, weights to ~1e-6). Sparsemax's steps
     are exact support updates: stop 1e-3, and its fold is exact (checked against the smallest
     positive d, not a tolerance). Generic n has no fold: Newton to 1e-3 (fp32) / 3e-3 (16-bit).
+    Without the fold (ENTMAX_FOLD_ROUNDS = 0) the passes stop where the error left is below the
+    inputs' rounding: 1e-3 for fp32 and sparsemax, 1e-2 for Halley on 16-bit inputs (~h^3 left).
     """
+    if nint >= 2 and not fold:
+        return (1e-3 if dtype == torch.float32 else 1e-2), 0.0
     if nint >= 2:
         return 0.2, (1e-3 if dtype == torch.float32 else 5e-3)
     if nint == 1 or dtype == torch.float32:
@@ -213,10 +219,10 @@ def _mask_split(T: int) -> bool:
 
 
 def _fold_rounds() -> int:
-    """ENTMAX_FOLD_ROUNDS, checked: an int in 1..8."""
+    """ENTMAX_FOLD_ROUNDS, checked: an int in 0..8 (0: no fold)."""
     r = ENTMAX_FOLD_ROUNDS
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= 8:
-        raise ValueError(f"fused.ENTMAX_FOLD_ROUNDS must be an int in 1..8, got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 8:
+        raise ValueError(f"fused.ENTMAX_FOLD_ROUNDS must be an int in 0..8, got {r!r}")
     return r
 
 
@@ -289,16 +295,17 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     topr, topper = _entmax_top(prm["nint"], T, BN) if fam == ENTMAX else (1, 1)
+    fold_rounds = _fold_rounds() if fam == ENTMAX else 1
     grid = (triton.cdiv(T, BM), BH)
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens, zc,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
-        *_threshold_tols(prm["nint"], q.dtype), MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
+        *_threshold_tols(prm["nint"], q.dtype, fold_rounds > 0), MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),
         SPLIT=_mask_split(T), TOPR=topr, TOPPER=topper,
-        ROUNDS=_fold_rounds() if fam == ENTMAX else 1,
+        ROUNDS=max(fold_rounds, 1), FOLD=fold_rounds > 0,
         num_warps=warps, num_stages=stages,
     )
     return o, o2 if need_o2 else None, of if need_of else None, st, ist

@@ -14,7 +14,7 @@ from .fused_tiles import _entmax_step, _load_rows, _pow_n, _pow_n1, _pow_n2, _sc
 def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
                      D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                      NINT: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MASKED: tl.constexpr):
+                     MASKED: tl.constexpr, FOLD: tl.constexpr):
     """The entmax output pass over one key tile, d = [a s - tau]_+ (MASKED=False: every key
     admissible): acc += d^n v, f += sum d^n; for the last step's fold (integer n) or the backward
     also acc1 += d^(n-1) v, f1 += sum d^(n-1); for the fold with n >= 2 acc0 += d^(n-2) v,
@@ -27,15 +27,15 @@ def _entmax_out_tile(q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, 
     p = _pow_n(d, n_exp, NINT)
     acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     f += tl.sum(p, 1)
-    if SAVE or NINT >= 1:
+    if SAVE or (FOLD and NINT >= 1):
         p1 = _pow_n1(d, n_exp, NINT)
         acc1 += tl.dot(p1.to(v.dtype), v, input_precision=PREC)
         f1 += tl.sum(p1, 1)
-    if NINT >= 2:
+    if FOLD and NINT >= 2:
         p0 = _pow_n2(d, NINT)
         acc0 += tl.dot(p0.to(v.dtype), v, input_precision=PREC)
         f2 += tl.sum(p0, 1)
-    if NINT == 1:
+    if FOLD and NINT == 1:
         dmin = tl.minimum(dmin, tl.min(tl.where(d > 0, d, float("inf")), 1))
     return acc, acc1, acc0, f, f1, f2, dmin
 
@@ -50,7 +50,7 @@ def _fwd_kernel(
     FAMILY: tl.constexpr, NINT: tl.constexpr, HAS_LENS: tl.constexpr, SAVE: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAND: tl.constexpr, CROUNDS: tl.constexpr, SPLIT: tl.constexpr, TOPR: tl.constexpr,
-    TOPPER: tl.constexpr, ROUNDS: tl.constexpr,
+    TOPPER: tl.constexpr, ROUNDS: tl.constexpr, FOLD: tl.constexpr,
 ):
     n_mblocks = tl.cdiv(T, BLOCK_M)
     pid_m = n_mblocks - 1 - tl.program_id(0)  # heaviest (last) query blocks first
@@ -106,7 +106,7 @@ def _fwd_kernel(
         tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)   # scale-free: the support of z has unit width
         # sparsemax: the start is the root wherever the support is among the kept maxima, and the
         # output pass checks that exactly; other n take one Halley pass first
-        active = nonempty & (NINT != 1)
+        active = nonempty & ((NINT != 1) | (not FOLD))
         it = 0
         again = True
         acc1 = tl.zeros([BLOCK_M, BDV], dtype=tl.float32)
@@ -132,24 +132,24 @@ def _fwd_kernel(
             for start_n in range(0, n_out_full, BLOCK_N):
                 acc, acc1, acc0, f, f1, f2, dmin = _entmax_out_tile(
                     q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
-                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, False)
+                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, False, FOLD)
             for start_n in range(n_out_full, n_out, BLOCK_N):
                 acc, acc1, acc0, f, f1, f2, dmin = _entmax_out_tile(
                     q, k_base, v_base, start_n, last, tau, acc, acc1, acc0, f, f1, f2, dmin, a_scale, n_exp, T,
-                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, True)
+                    D, DV, BD, BDV, NINT, SAVE, PREC, BLOCK_N, True, FOLD)
             # the fold: the pass's sums give the next Newton / Halley step delta, and the weights at
             # tau + delta follow from the binomial expansion of (d - delta)^n on the same support
             # (see ``fused``); a row whose delta is too large for that (or, for n = 1, would move
             # the support) takes more passes and another output pass
-            if NINT >= 1:
+            if FOLD and NINT >= 1:
                 step = tl.where(nonempty & (f1 > 0), _entmax_step(f, f1, f2, n_exp, inv_n, NINT), 0.0)
                 delta = tl.where(again, step, delta)
-            if NINT == 1:
+            if FOLD and NINT == 1:
                 bad = nonempty & (delta > dmin)
-            elif NINT >= 2:
+            elif FOLD and NINT >= 2:
                 bad = nonempty & (tl.abs(delta) > tol_fold)
             else:
-                bad = tl.zeros([BLOCK_M], tl.int32) > 0   # generic n: no fold, the passes ran to tol
+                bad = tl.zeros([BLOCK_M], tl.int32) > 0   # no fold (generic n): the passes ran to tol
             again = again & (tl.max(bad.to(tl.int32), 0) > 0) & (rnd + 1 < ROUNDS)
             tau = tau + delta * again.to(tl.float32)
             active = bad & again
