@@ -62,17 +62,21 @@ def test_threshold_from_candidates(method):
 
 @pytest.mark.parametrize("method,setting", [(m, "m1") for m in ("epanechnikov", "biweight", "triweight",
                                                                    "entmax_1.25", "entmax_1.7")]
-                         + [(m, "foldonly") for m in ("epanechnikov", "biweight", "triweight", "entmax_1.25")])
+                         + [(m, s) for m in ("epanechnikov", "biweight", "triweight", "entmax_1.25")
+                            for s in ("foldonly", "fold")])
 def test_entmax_start_and_fold(method, setting):
     """The entmax start and the output pass's folded last step at full size: the plain start m - 1
-    (ENTMAX_TOP = (1, 1)), and no threshold passes at all (MAX_NEWTON = 0, 8 output passes whose
-    folded steps do the search), still give the reference's outputs and gradients. (Generic n has
-    no fold: without passes it cannot be right, so it only takes the plain start.)"""
+    (ENTMAX_TOP = (1, 1)), the fold at every length and n (ENTMAX_FOLD_ROUNDS = 3; by default only
+    sparsemax from T = 1024 on folds), and no threshold passes at all (MAX_NEWTON = 0, 8 output
+    passes whose folded steps do the search), still give the reference's outputs and gradients.
+    (Generic n has no fold: without passes it cannot be right, so it only takes the plain start.)"""
     from sparse_mosaics.attention import fused
 
     old = fused.ENTMAX_TOP, fused.ENTMAX_FOLD_ROUNDS, fused.MAX_NEWTON
     if setting == "m1":
         fused.ENTMAX_TOP = (1, 1)
+    elif setting == "fold":
+        fused.ENTMAX_FOLD_ROUNDS = 3
     else:
         fused.MAX_NEWTON, fused.ENTMAX_FOLD_ROUNDS = 0, 8
         if method == "epanechnikov":

@@ -42,7 +42,7 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("start-m1", m, 16, 70, 1, None) for m in ("epanechnikov", "biweight", "triweight", "entmax_1.7")]
          + [("start-foldonly", m, 32, 48, 0, "short+empty") for m in ("epanechnikov", "biweight", "triweight", "entmax_1.25")]
          + [("start-top0", "epanechnikov", 16, 100, 1, None)]
-         + [("start-nofold", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "entmax_1.25")]
+         + [("start-fold", m, 16, 100, 1, "short+empty") for m in ("epanechnikov", "biweight", "triweight", "entmax_1.25")]
          + [("cand32-select", m, 16, 230, 1, None) for m in ("top4_softmax", "top16_uniform")]
          + [("cand64-ties", m, 16, 70, 1, None) for m in ("top4_softmax", "top4_uniform")]
          + [("cand64-1pass", m, 32, 48, 0, "short+empty") for m in ("top4_softmax", "top4_uniform")]
@@ -158,8 +158,8 @@ def _run_entmax_start(method, D, T, shift, lens, mode):
         if mode == "m1":
             fused.ENTMAX_TOP = (1, 1)
             return _run_attention(method, D, T, shift, lens)
-        if mode == "nofold":
-            fused.ENTMAX_FOLD_ROUNDS = 0
+        if mode == "fold":
+            fused.ENTMAX_FOLD_ROUNDS = 3
             return _run_attention(method, D, T, shift, lens)
         fused.MAX_NEWTON = 0
         if mode == "foldonly":
@@ -374,8 +374,8 @@ def test_candidate_slots_are_checked(monkeypatch):
 
 def test_entmax_start_is_checked(monkeypatch):
     """ENTMAX_TOP: the default keeps 8 tile maxima (2 per tile for sparsemax, 1 otherwise), cut to
-    what a short row can have; the mask split is on from FORWARD_MASK_SPLIT_MIN_T; a bad value of
-    any of these flags (or of ENTMAX_FOLD_ROUNDS) names the flag."""
+    what a short row can have; the mask split is on from FORWARD_MASK_SPLIT_MIN_T, the fold for
+    sparsemax from ENTMAX_FOLD_MIN_T; a bad value of any of these flags names the flag."""
     pytest.importorskip("triton")
     from sparse_mosaics.attention import fused
 
@@ -389,6 +389,8 @@ def test_entmax_start_is_checked(monkeypatch):
     monkeypatch.setattr(fused, "ENTMAX_TOP", (4, 8))
     with pytest.raises(ValueError, match=r"fused.ENTMAX_TOP must be None or \(R, PER\) with 1 <= PER <= R <= 32, got \(4, 8\)"):
         fused._entmax_top(2, 4096, 32)
+    t = fused.ENTMAX_FOLD_MIN_T
+    assert fused._fold_rounds(1, t) == 3 and fused._fold_rounds(1, t - 1) == 0 and fused._fold_rounds(2, t) == 0
     monkeypatch.setattr(fused, "ENTMAX_FOLD_ROUNDS", 9)
     with pytest.raises(ValueError, match="fused.ENTMAX_FOLD_ROUNDS must be an int in 0..8, got 9"):
-        fused._fold_rounds()
+        fused._fold_rounds(2, t)

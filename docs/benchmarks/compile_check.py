@@ -68,7 +68,7 @@ def main():
             topr, topper = fused._entmax_top(nint, 4096, fcfg[1]) if fam == 1 else (1, 1)
             c = dict(D=D, DV=D, BD=D, BDV=D, FAMILY=fam, NINT=nint, HAS_LENS=lens, SAVE=save, PREC=prec,
                      BLOCK_M=fcfg[0], BLOCK_N=fcfg[1], CAND=cand, CROUNDS=rounds, SPLIT=split,
-                     TOPR=topr, TOPPER=topper, ROUNDS=fused._fold_rounds() if fam == 1 else 1, FOLD=True)
+                     TOPR=topr, TOPPER=topper, ROUNDS=3, FOLD=nint >= 1)
             name = "fwd" + ("+save" if save else "") + (f"+cand{cand}" if cand else "")
             name += (f"r{rounds}" if rounds else "") + ("+split" if split else "")
             jobs.append((name, fused._fwd_kernel, c, fcfg))

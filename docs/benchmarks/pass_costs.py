@@ -27,7 +27,7 @@ def main(methods):
         full, rounds = getattr(fused, attr), fused.ENTMAX_FOLD_ROUNDS
         for cap in (0, 1, 2, 3, 4, full):
             setattr(fused, attr, cap)
-            fused.ENTMAX_FOLD_ROUNDS = rounds if cap == full else 1
+            fused.ENTMAX_FOLD_ROUNDS = rounds if cap == full else (1 if rounds is None or rounds else 0)
             with torch.no_grad():
                 t = _bench_ms(lambda: fused.fused_attention(q, k, v, spec, 1, None))
             print(f"passes {m:14s} {attr}={cap:3d}: fwd {t:.3f} ms", flush=True)

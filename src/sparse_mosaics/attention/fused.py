@@ -114,8 +114,12 @@ ENTMAX_TOP: tuple | None = None
 # output passes of the entmax forward at most: rows whose folded last step is too large (or, for
 # sparsemax, would move the support) take more passes and another output pass; 1 = accept the fold;
 # 0 = no fold (the passes run to the full tolerance, the output pass sums d^n v and, for the
-# backward, d^(n-1) v only)
-ENTMAX_FOLD_ROUNDS = 3
+# backward, d^(n-1) v only). None (default) = 3 for sparsemax from T = 1024 on, else 0: the fold
+# took sparsemax's forward at T = 4096 from 5.72 to 4.91 ms, but at T = 130 it costs more than the
+# pass it saves (0.317 vs 0.233 ms), and for biweight at both (5.28 vs 5.06 ms at T = 4096, 0.358
+# vs 0.234 at T = 130: its extra output dot and registers cost more than one Halley pass; h200_s5.log)
+ENTMAX_FOLD_ROUNDS: int | None = None
+ENTMAX_FOLD_MIN_T = 1024
 # top-K threshold from candidates: 0 = the counting search; a power of two C >= 16 (and > K) = after
 # the min/max pass, one pass stores the scores above a Gaussian-fit guess t0 (aiming at (K + 1 + C) / 2
 # of them) in C slots per row; rows with K + 1 to C candidates find the K-th and (K+1)-th largest
@@ -218,9 +222,11 @@ def _mask_split(T: int) -> bool:
     return FORWARD_MASK_SPLIT
 
 
-def _fold_rounds() -> int:
-    """ENTMAX_FOLD_ROUNDS, checked: an int in 0..8 (0: no fold)."""
+def _fold_rounds(nint: int, T: int) -> int:
+    """ENTMAX_FOLD_ROUNDS, checked: an int in 0..8 (0: no fold); None: the measured default."""
     r = ENTMAX_FOLD_ROUNDS
+    if r is None:
+        return 3 if nint == 1 and T >= ENTMAX_FOLD_MIN_T else 0
     if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 8:
         raise ValueError(f"fused.ENTMAX_FOLD_ROUNDS must be an int in 0..8, got {r!r}")
     return r
@@ -295,7 +301,7 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     zc = torch.empty((BH * T, cand), device=q.device, dtype=torch.float32) if cand else st
     prec = FP32_PRECISION if q.dtype == torch.float32 else "tf32"
     topr, topper = _entmax_top(prm["nint"], T, BN) if fam == ENTMAX else (1, 1)
-    fold_rounds = _fold_rounds() if fam == ENTMAX else 1
+    fold_rounds = _fold_rounds(prm["nint"], T) if fam == ENTMAX else 1
     grid = (triton.cdiv(T, BM), BH)
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens, zc,
