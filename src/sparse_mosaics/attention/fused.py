@@ -25,17 +25,19 @@ Families (``spec.family``) and their passes over the keys of a query block:
                  - 1, convex and decreasing, so Newton from the left rises monotonically to the root
                  (exact in finitely many steps for n = 1: Michelot's algorithm); for n in {2, 3, 4}
                  the passes also sum d^(n-2) and take Halley steps (cubic; a step that lands right
-                 of the root is followed by Newton steps, which land left of it). A row stops once
-                 its step is at most 0.2 (Halley; one pass from this start on random scores) or
-                 1e-3 (sparsemax, which usually starts at the root and takes no pass).
-                 Last pass, the output pass with the fold: besides sum d^n v it sums d^(n-1) v and
-                 d^(n-2) v, so the step delta those sums give is taken inside it, with the weights
-                 (d - delta)^n expanded to second order (exact for n <= 2) and o2's to first;
-                 rows whose delta exceeds the fold tolerance (5e-3 16-bit, 1e-3 fp32;
-                 ``_threshold_tols``), or for n = 1 would move the support (delta > the smallest
-                 positive d), take more passes and another output pass (ENTMAX_FOLD_ROUNDS).
-                 So on random scores biweight, triweight, entmax_1.25 take 3 passes and sparsemax 2
-                 (5 and 8 before). Generic n (non-integer) has no fold: Newton to 1e-3 / 3e-3.
+                 of the root is followed by Newton steps, which land left of it). A block stops
+                 once every row's step is at most max(h, 1e-6 |m|) (scale-free: the support of z has
+                 unit width), h = 1e-3 for fp32 inputs and sparsemax, 1e-2 (Halley) / 3e-3 (Newton)
+                 for 16-bit inputs (tau to ~1e-4, below their rounding; ``_threshold_tols``). On
+                 random scores alpha < 2 then takes 2 Halley passes (3 from m - 1).
+                 Sparsemax from T = 1024 on (ENTMAX_FOLD_ROUNDS): no threshold pass at first, since
+                 the start is usually the root; the output pass also sums [d > 0] v and computes
+                 the Newton step delta, which it takes inside the weights, (d - delta) on the same
+                 support, exactly wherever delta is at most the row's smallest positive d (checked);
+                 other rows take passes and another output pass. So its forward is 2 passes (8 from
+                 m - 1). The fold for n in {2, 3, 4} (forced with ENTMAX_FOLD_ROUNDS > 0: weights
+                 (d - delta)^n to second order in delta, o2's to first, delta <= 5e-3 16-bit / 1e-3
+                 fp32) saves a pass but its third output dot costs more (h200_s5.log).
                  From T = 1024 on, tiles that every row of the query block sees whole skip the
                  mask (FORWARD_MASK_SPLIT), as in the backward.
                  Z = sum p (= 1 up to the tolerance) normalises the weights.
@@ -182,16 +184,16 @@ def _threshold_tols(nint: int, dtype: torch.dtype, fold: bool = True) -> tuple[f
     """(stop, fold) of the entmax threshold search (each with max(., 1e-6 |m|): scale-free, the
     support of z = a s has unit width).
 
-    A row leaves the Newton / Halley passes once its step is at most ``stop``; the output pass
-    then computes the next step delta and folds it into the weights (``fused_forward``) if
-    |delta| <= ``fold``. Halley (n in {2, 3, 4}) from the top-values start: after a step <= 0.2
-    the next is below 1e-2 (simulated on N(0, 1) scores, T <= 4096); the fold keeps terms to
-    delta^2 in the output, delta in o2, so 16-bit inputs fold up to 5e-3 (errors <= ~1e-4, below
-    their 4e-3 rounding) and fp32 up to 1e-3 (tau to ~1e-9, weights to ~1e-6). Sparsemax's steps
-    are exact support updates: stop 1e-3, and its fold is exact (checked against the smallest
-    positive d, not a tolerance). Generic n has no fold: Newton to 1e-3 (fp32) / 3e-3 (16-bit).
-    Without the fold (ENTMAX_FOLD_ROUNDS = 0) the passes stop where the error left is below the
-    inputs' rounding: 1e-3 for fp32 and sparsemax, 1e-2 for Halley on 16-bit inputs (~h^3 left).
+    A row leaves the Newton / Halley passes once its step is at most ``stop``. Without the fold
+    (the default except sparsemax from T = 1024 on) that is where the error left is below the
+    inputs' rounding: 1e-3 for fp32 and sparsemax, 1e-2 for Halley on 16-bit inputs (~h^3 left;
+    measured at most 7e-5 on tau for alpha = 1.5), 3e-3 for generic-n Newton on 16-bit inputs.
+    With the fold, the output pass computes the next step delta and takes it inside the weights
+    (``fused_forward``) if |delta| <= ``fold``: Halley (n in {2, 3, 4}) stops at 0.2, after which
+    the next step is below 1e-2 (simulated on N(0, 1) scores, T <= 4096), and folds up to 5e-3
+    (16-bit; the expansion's errors <= ~1e-4, below their 4e-3 rounding) or 1e-3 (fp32; tau to
+    ~1e-9, weights to ~1e-6). Sparsemax's steps are exact support updates: stop 1e-3, and its
+    fold is exact (checked against the smallest positive d, not a tolerance).
     """
     if nint >= 2 and not fold:
         return (1e-3 if dtype == torch.float32 else 1e-2), 0.0

@@ -104,8 +104,8 @@ def _fwd_kernel(
         tau, mz = _entmax_start(q, k_base, last, nonempty, n_full, n_hi, T, a_scale, n_exp, inv_n,
                                 D, BD, NINT, PREC, BLOCK_M, BLOCK_N, TOPR, TOPPER)
         tol = tl.maximum(tol_step, tl.abs(mz) * 1e-6)   # scale-free: the support of z has unit width
-        # sparsemax: the start is the root wherever the support is among the kept maxima, and the
-        # output pass checks that exactly; other n take one Halley pass first
+        # folding sparsemax: the start is the root wherever the support is among the kept maxima,
+        # and the output pass checks that exactly; otherwise the passes come first
         active = nonempty & ((NINT != 1) | (not FOLD))
         it = 0
         again = True
