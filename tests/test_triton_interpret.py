@@ -51,7 +51,7 @@ CASES = ([("attn", m, *s) for m in ATTN_METHODS for s in ATTN_SHAPES]
          + [("split", "triweight", 32, 70, 0, None)]
          + [("leaky", "leaky", d, T, 0, None) for T, d in LEAKY_SHAPES])
 TOL = 2e-4  # fp32 everywhere (the interpreter's dots are exact fp32 numpy products)
-# 16-bit inputs (entmax stops its threshold search earlier, fused._newton_tol) against the fp32
+# 16-bit inputs (entmax stops its threshold search earlier, fused._threshold_tols) against the fp32
 # reference on the same rounded inputs: outputs and gradients are rounded to 16 bits. fp16, since
 # the interpreter's bf16 dots are wrong (numpy has no bf16: outputs come back as zeros)
 HALF_TOL = 5e-3
