@@ -13,11 +13,12 @@ backward's unmasked interior tiles); exact top-K tie handling and exact selectio
 rows; the top-K threshold from candidates (fused.TOPK_CANDIDATES: with rows that do not fit, with
 ties, with CANDIDATE_ROUNDS limiting the rounds per tile, and alone with the search cut to one
 pass); the entmax start from the kept tile maxima and the output pass's folded last step
-(fused.ENTMAX_TOP, ENTMAX_FOLD_ROUNDS: the plain start, the fold alone doing the search, the start
-alone exact for sparsemax, each with a control that must fail); the entmax forward without the
-mask on interior tiles (fused.FORWARD_MASK_SPLIT, the default from T = 1024 on); fp16 inputs for
-entmax (its earlier stop for 16-bit inputs); the leaky-average scan forward / backward (x and
-lam), T not a multiple of the chunk; and both under torch.compile(fullgraph=True) (custom ops: no graph break, same values).
+(fused.ENTMAX_TOP, ENTMAX_FOLD_ROUNDS: the plain start, the fold forced for every n, the fold
+alone doing the search, the start alone exact for sparsemax, the last two with a control that
+must fail); the entmax forward without the mask on interior tiles (fused.FORWARD_MASK_SPLIT, the
+default from T = 1024 on); fp16 inputs for entmax (its earlier stop for 16-bit inputs); the
+leaky-average scan forward / backward (x and lam), T not a multiple of the chunk; and both under
+torch.compile(fullgraph=True) (custom ops: no graph break, same values).
 """
 
 import json
