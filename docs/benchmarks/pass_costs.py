@@ -4,7 +4,7 @@
     PYTHONPATH=src python docs/benchmarks/pass_costs.py [methods] [the knobs of knobs.py]
 
 B=32, H=8, T=4096, D=64, bf16. Entmax: fused.MAX_NEWTON in 0..4 (0 = the start pass and the
-output pass only, with one fold round: ENTMAX_FOLD_ROUNDS = 1); top-K: fused.MAX_SELECT in 0..4
+output pass only, a single output pass: ENTMAX_FOLD_ROUNDS at most 1); top-K: fused.MAX_SELECT in 0..4
 (0 = the min/max pass and the output pass). The differences between consecutive caps are the cost
 of one threshold pass of the slowest blocks.
 """
@@ -25,9 +25,11 @@ def main(methods):
         spec = get_method(m)
         attr = "MAX_SELECT" if spec.family.startswith("topk") else "MAX_NEWTON"
         full, rounds = getattr(fused, attr), fused.ENTMAX_FOLD_ROUNDS
+        # below the full cap, a single output pass, folding only where the setting folds
+        low = min(fused._fold_rounds(fused._params(spec)["nint"], 4096), 1)
         for cap in (0, 1, 2, 3, 4, full):
             setattr(fused, attr, cap)
-            fused.ENTMAX_FOLD_ROUNDS = rounds if cap == full else (1 if rounds is None or rounds else 0)
+            fused.ENTMAX_FOLD_ROUNDS = rounds if cap == full else low
             with torch.no_grad():
                 t = _bench_ms(lambda: fused.fused_attention(q, k, v, spec, 1, None))
             print(f"passes {m:14s} {attr}={cap:3d}: fwd {t:.3f} ms", flush=True)
