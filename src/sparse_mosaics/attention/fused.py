@@ -108,9 +108,9 @@ FP32_PRECISION = "tf32x3"
 
 # entmax start: the first pass keeps each row's R largest tile maxima, PER per key tile, and solves
 # tau on them (a subset of the row's z, so a start left of the root). None = (8, 2) for sparsemax,
-# whose support is then mostly among them (the start is the root), (8, 1) for alpha < 2 (one Halley
-# pass from there, then the output pass's fold); R is cut to the tiles' values at short T. (1, 1)
-# is the plain start m - 1. Forward at T = 4096: sparsemax 5.52 ms at (8, 2) vs 5.68 at (16, 2),
+# whose support is then mostly among them (the start is the root), (8, 1) for alpha < 2 (2 Halley
+# passes from there on random scores, 3 from m - 1); R is cut to the tiles' values at short T.
+# (1, 1) is the plain start m - 1. Forward at T = 4096: sparsemax 5.52 ms at (8, 2) vs 5.68 at (16, 2),
 # 7.51 at (16, 4); biweight 6.06 at (8, 1) vs 6.38 at (16, 1), 6.84 at (8, 2) (h200_s5.log).
 ENTMAX_TOP: tuple | None = None
 # output passes of the entmax forward at most: rows whose folded last step is too large (or, for
@@ -133,7 +133,7 @@ TOPK_CANDIDATES_MIN_T = 1024
 # extraction rounds of the candidate pass per key tile: 0 = as many as the tile's busiest row needs
 # (a nested loop whose trip count is a reduction over the block); R > 0 = R unrolled rounds, rows with
 # more than R candidates in one tile take the search (not yet timed on a GPU: whether the nested loop
-# keeps Triton from pipelining the key loop is open, docs/benchmarks/h200_next.sh)
+# keeps Triton from pipelining the key loop is open; tune_configs.py --rounds=R measures it)
 CANDIDATE_ROUNDS = 0
 # entmax forward: the start, Newton / Halley and output passes take the key tiles that every row of
 # the query block sees whole without a mask (as the backward does). None (default) = from T >=
@@ -308,7 +308,8 @@ def _launch_forward(q, k, v, prm, shift, lengths, save):
     _fwd_kernel[grid](
         q, k, v, o, o2, of, st, ist, lens, zc,
         T, H, BH, shift, prm["a_scale"], prm["n_exp"], prm["inv_n"], prm["topk"],
-        *_threshold_tols(prm["nint"], q.dtype, fold_rounds > 0), MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
+        *_threshold_tols(prm["nint"], q.dtype, fold_rounds > 0),
+        MAX_SELECT if fam in (TOPK_SOFTMAX, TOPK_UNIFORM) else MAX_NEWTON,
         D=D, DV=DV, BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)),
         FAMILY=fam, NINT=prm["nint"], HAS_LENS=lengths is not None, SAVE=need_o2, PREC=prec,
         BLOCK_M=BM, BLOCK_N=BN, CAND=cand, CROUNDS=_candidate_rounds(),

@@ -88,7 +88,8 @@ def _subset_threshold(top, n_exp, inv_n, NINT: tl.constexpr, R: tl.constexpr):
 
     S is a subset of the row's z, so sum over all z of [z - tau_S]_+^n >= 1 and tau_S <= tau*: a
     start left of the root, far closer than m - 1 (tau_S for S = {m}). Sparsemax (n = 1): tau_S =
-    max_k (t_0 + ... + t_k-1 - 1) / k (as in sparsemax itself, Martins & Astudillo 2016). Other n: Newton on
+    max_k (t_0 + ... + t_k-1 - 1) / k (as in sparsemax itself, Martins & Astudillo 2016). Other n:
+    Newton on
     g(tau) = (sum_S [z - tau]_+^n)^(1/n) - 1 from m - 1, which is convex and decreasing, so the
     iterates rise to tau_S and never pass it; three of them (an unconverged one is still a start
     left of the root, and the Halley pass that follows corrects far more).
@@ -110,7 +111,8 @@ def _subset_threshold(top, n_exp, inv_n, NINT: tl.constexpr, R: tl.constexpr):
                 d = tl.maximum(top[r] - tau, 0.0)
                 f += _pow_n(d, n_exp, NINT)
                 f1 += _pow_n1(d, n_exp, NINT)
-            tau += tl.where(f1 > 0, _root_excess(tl.where(f > 0, f, 1.0), inv_n, NINT) / tl.where(f1 > 0, f1, 1.0), 0.0)
+            step = _root_excess(tl.where(f > 0, f, 1.0), inv_n, NINT) / tl.where(f1 > 0, f1, 1.0)
+            tau += tl.where(f1 > 0, step, 0.0)
     return tau
 
 
